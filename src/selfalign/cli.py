@@ -1,0 +1,150 @@
+"""The ``selfalign`` command line: a thin shell over the library's modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from selfalign.errors import SelfAlignError
+
+
+def _cmd_scenes(args) -> None:
+    from selfalign.data.scenes import generate_scenes
+
+    generate_scenes(Path(args.out), args.train, args.dev, args.test, seed=args.seed, image_size=args.size)
+    print(f"scenes dataset ready in {args.out}")
+
+
+def _cmd_extract(args) -> None:
+    from selfalign.pipeline import extract_features
+
+    for split in args.splits.split(","):
+        extract_features(args.dataset, args.root, args.out, split, args.regions, image_size=args.size,
+                         detector_path=args.detector, batch_size=args.batch_size, device=args.device,
+                         karpathy_json=args.karpathy_json)
+
+
+def _cmd_train(args) -> None:
+    from selfalign.config import load_config
+    from selfalign.model.checkpoint import read_run_config
+    from selfalign.train import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = read_run_config(run_dir)
+        train(cfg, resume=True, run_dir=run_dir, progress=not args.quiet)
+    else:
+        if args.config is None:
+            raise SelfAlignError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = train(cfg, progress=not args.quiet)
+    print(f"run directory: {run_dir}")
+
+
+def _cmd_evaluate(args) -> None:
+    from selfalign import atomic
+    from selfalign.evaluate.metrics import evaluate_sims_file, format_table
+
+    if args.sims:
+        metrics = evaluate_sims_file(args.sims, fold5=args.fold5)
+    else:
+        if not args.run_dir:
+            raise SelfAlignError("evaluate needs RUN_DIR or --sims SIMS.npy")
+        from selfalign.pipeline import evaluate_run
+
+        metrics = evaluate_run(args.run_dir, args.split, fold5=args.fold5, device=args.device)
+    print(format_table(metrics))
+    if args.json:
+        atomic.write_json(args.json, metrics)
+
+
+def _cmd_demo(args) -> None:
+    from selfalign.demo import run_demo
+
+    run_demo(Path(args.workdir), quick=args.quick, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfalign", description="Fast and accurate image-text retrieval.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in scenes dataset")
+    p.add_argument("--workdir", default=".", help="where data/, features/ and runs/ go")
+    p.add_argument("--quick", action="store_true", help="a tiny dataset and 2 epochs (a smoke test)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("scenes", help="render the built-in scenes dataset")
+    p.add_argument("--out", default="data/scenes")
+    p.add_argument("--train", type=int, default=4000)
+    p.add_argument("--dev", type=int, default=500)
+    p.add_argument("--test", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=224)
+    p.set_defaults(func=_cmd_scenes)
+
+    p = sub.add_parser("extract", help="region features for a dataset split -> feature store")
+    p.add_argument("--dataset", default="scenes", choices=["scenes", "flickr", "karpathy", "folder"])
+    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--out", required=True, help="feature store folder")
+    p.add_argument("--splits", default="train,dev,test")
+    p.add_argument("--regions", default="boxes", choices=["grid", "boxes", "detector"])
+    p.add_argument("--detector", default="", help="YOLOX-Nano ONNX file (regions=detector)")
+    p.add_argument("--karpathy-json", default="")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", nargs="?", help="CONFIG.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="the standard retrieval metrics of a run, or of a saved similarity matrix")
+    p.add_argument("run_dir", nargs="?")
+    p.add_argument("--split", default="test")
+    p.add_argument("--sims", help="a saved [N, 5N] similarity matrix (.npy)")
+    p.add_argument("--fold5", action="store_true", help="COCO 1K: mean over 5 folds")
+    p.add_argument("--json", help="also write the metrics here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_evaluate)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Sub-commands of the optional layers (index, serve, analysis), each registered by its own module."""
+    import importlib
+
+    found = []
+    for name in ("selfalign.index.cli", "selfalign.serve.cli", "selfalign.analysis.cli"):
+        try:
+            found.append(importlib.import_module(name).register)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SelfAlignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Pooling of a variable-length set of local features into one vector.
+
+GPO (VSE∞'s Generalized Pooling Operator) learns, from the number of valid features alone, a weight for each
+rank after a per-dimension descending sort; mean pooling is the simple alternative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+def positional_encoding(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Sinusoidal encoding ``[length, dim]``."""
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)
+    return pe
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x [B, L, D]`` over valid positions of ``mask [B, L]`` -> ``[B, D]``."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class GPO(nn.Module):
+    """Generalized Pooling Operator: ``features [B, L, D]``, ``mask [B, L]`` -> ``[B, D]``."""
+
+    def __init__(self, pe_dim: int = 32, hidden: int = 32, temperature: float = 0.1):
+        super().__init__()
+        self.pe_dim = pe_dim
+        self.temperature = temperature
+        self.gru = nn.GRU(pe_dim, hidden, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(hidden, 1, bias=False)
+
+    def weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """Pooling weights ``[B, L]`` for each sorted rank; zero at padding."""
+        lengths = mask.sum(1).clamp(min=1)
+        batch, length = mask.shape
+        pe = positional_encoding(length, self.pe_dim, mask.device).unsqueeze(0).expand(batch, -1, -1)
+        packed = pack_padded_sequence(pe, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=length)
+        half = out.shape[-1] // 2
+        out = (out[..., :half] + out[..., half:]) / 2
+        scores = self.score(out).squeeze(-1).masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores / self.temperature, dim=1)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Sorting puts padding last (filled with -inf), so rank k of every row is its k-th largest valid value.
+        filled = features.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        ranked = filled.sort(dim=1, descending=True).values
+        ranked = ranked.masked_fill(~mask.unsqueeze(-1), 0.0)  # after sorting, the first `len` rows are valid
+        return (ranked * self.weights(mask).unsqueeze(-1).to(ranked.dtype)).sum(1)
+
+
+class MeanPool(nn.Module):
+    """Masked mean: ``features [B, L, D]``, ``mask [B, L]`` -> ``[B, D]``."""
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mean(features, mask)
+
+
+def make_pooling(kind: str) -> nn.Module:
+    return GPO() if kind == "gpo" else MeanPool()
