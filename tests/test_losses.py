@@ -4,7 +4,7 @@ from selfalign.losses import hinge_triplet_loss
 
 
 def reference(sims, ids, margin, hardest):
-    n = sims.shape[0]
+    n = len(sims)
     total = 0.0
     for i in range(n):
         caption_costs = [max(0.0, margin - float(sims[i][i]) + float(sims[i][j])) for j in range(n) if ids[j] != ids[i]]
