@@ -128,7 +128,7 @@ def _extensions():
         try:
             found.append(importlib.import_module(name).register)
         except ModuleNotFoundError as exc:
-            if exc.name != name:
+            if exc.name is None or not name.startswith(exc.name):
                 raise
     return found
 

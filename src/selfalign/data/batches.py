@@ -13,7 +13,7 @@ class RegionStore:
 
     def __init__(self, images: np.ndarray, region_mask: np.ndarray, pin_memory: bool = False):
         self.in_memory = images.nbytes <= IN_MEMORY_LIMIT_BYTES
-        self.images = torch.from_numpy(np.ascontiguousarray(images)) if self.in_memory else images
+        self.images = torch.from_numpy(np.array(images)) if self.in_memory else images
         self.mask = torch.from_numpy(np.ascontiguousarray(region_mask, dtype=bool))
         self.pin_memory = pin_memory
 

@@ -39,11 +39,12 @@ class GPO(nn.Module):
         self.gru = nn.GRU(pe_dim, hidden, batch_first=True, bidirectional=True)
         self.score = nn.Linear(hidden, 1, bias=False)
 
-    def weights(self, mask: torch.Tensor) -> torch.Tensor:
-        """Pooling weights ``[B, L]`` for each sorted rank; zero at padding."""
-        lengths = mask.sum(1).clamp(min=1)
-        batch, length = mask.shape
-        pe = positional_encoding(length, self.pe_dim, mask.device).unsqueeze(0).expand(batch, -1, -1)
+    def weights(self, lengths: torch.Tensor, length: int) -> torch.Tensor:
+        """Pooling weights ``[B, length]`` for each sorted rank, given valid counts ``lengths [B]``; zero beyond."""
+        batch = lengths.shape[0]
+        lengths = lengths.clamp(min=1)
+        mask = torch.arange(length, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+        pe = positional_encoding(length, self.pe_dim, lengths.device).unsqueeze(0).expand(batch, -1, -1)
         packed = pack_padded_sequence(pe, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=length)
@@ -53,11 +54,14 @@ class GPO(nn.Module):
         return torch.softmax(scores / self.temperature, dim=1)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # Sorting puts padding last (filled with -inf), so rank k of every row is its k-th largest valid value.
+        # Sorting puts padding last (filled with -inf), so rank k of every row is its k-th largest valid value;
+        # valid positions need not be a prefix (dropped regions), but after the sort they are.
+        lengths = mask.sum(1)
         filled = features.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         ranked = filled.sort(dim=1, descending=True).values
-        ranked = ranked.masked_fill(~mask.unsqueeze(-1), 0.0)  # after sorting, the first `len` rows are valid
-        return (ranked * self.weights(mask).unsqueeze(-1).to(ranked.dtype)).sum(1)
+        weights = self.weights(lengths, mask.shape[1])
+        ranked = ranked.masked_fill(weights.unsqueeze(-1) == 0, 0.0)
+        return (ranked * weights.unsqueeze(-1).to(ranked.dtype)).sum(1)
 
 
 class MeanPool(nn.Module):

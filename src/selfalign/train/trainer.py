@@ -125,8 +125,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, run_dir: 
             sums: dict[str, float] = {}
             started = time.perf_counter()
             bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                       disable=not progress, dynamic_ncols=True, leave=False)
-            for step in range(state.step_in_epoch, len(batches)):
+                       disable=not progress, dynamic_ncols=True, leave=False, mininterval=1.0)
+            first_step = state.step_in_epoch
+            for step in range(first_step, len(batches)):
                 idx = batches[step]
                 image_idx = idx // 5
                 generator.manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
@@ -144,7 +145,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, run_dir: 
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step "
-                        f"{state.global_step + 1}); parts: { {k: float(v) for k, v in losses.items()} }. "
+                        f"{state.global_step + 1}); parts: { {k: round(v.item(), 4) for k, v in losses.items()} }. "
                         f"The last good checkpoint in {run_dir} is kept; lower train.lr or check the features.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -154,8 +155,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, run_dir: 
                 scheduler.step()
                 state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                bar.set_postfix(loss=f"{float(loss):.3f}", pairs_s=f"{(step + 1 - bar.initial) * len(idx) / max(1e-9, time.perf_counter() - started):.0f}")
+                    sums[k] = sums.get(k, 0.0) + v.item()
+                pairs_per_s = (step + 1 - first_step) * len(idx) / max(1e-9, time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss.item():.3f}", pairs_s=f"{pairs_per_s:.0f}")
                 bar.update(1)
                 steps_this_process += 1
                 every = cfg.train.checkpoint_every_steps

@@ -1,0 +1,1 @@
+"""Evaluation: the field's retrieval protocol (``metrics``) and encode-score-evaluate runs (``runner``)."""

@@ -1,0 +1,82 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from selfalign.cli import main
+from selfalign.config import load_config
+from selfalign.errors import SelfAlignError
+from selfalign.model.checkpoint import load_model
+from selfalign.pipeline import evaluate_run
+from selfalign.train import train
+
+
+def test_train_writes_a_complete_run_and_learns(feature_store, tmp_path):
+    cfg = load_config(None, tiny_overrides(feature_store, tmp_path) + ["train.epochs=4"])
+    run = train(cfg, progress=False)
+    for name in ("config.json", "vocab.json", "model.safetensors", "last.safetensors", "train_state.pt", "log.csv"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["loss_rank"]) < float(rows[0]["loss_rank"])
+    assert "loss_lca" in rows[0] and "loss_cra" in rows[0]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["epochs"] == 4 and saved["model"]["embed_dim"] == 32
+    metrics = evaluate_run(run, "test", device="cpu")
+    assert metrics["rsum"] > 200  # chance is ~12 rsum points on 16 images
+    assert json.loads((run / "eval.json").read_text())["rsum"] == metrics["rsum"]
+
+
+def test_training_is_deterministic(feature_store, tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        cfg = load_config(None, tiny_overrides(feature_store, tmp_path, name) + ["train.epochs=1"])
+        run = train(cfg, progress=False)
+        losses.append(list(csv.DictReader(open(run / "log.csv")))[0]["loss_rank"])
+        model, _ = load_model(run)
+        losses.append(sum(p.double().sum().item() for p in model.parameters()))
+    assert losses[0] == losses[2] and losses[1] == losses[3]
+
+
+def test_refuses_to_overwrite_a_run(feature_store, tmp_path):
+    cfg = load_config(None, tiny_overrides(feature_store, tmp_path) + ["train.epochs=1"])
+    train(cfg, progress=False)
+    with pytest.raises(SelfAlignError, match="already holds a run"):
+        train(cfg, progress=False)
+
+
+def test_cli_train_and_evaluate(feature_store, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  epochs: 1\n")
+    assert main(["train", str(config), *tiny_overrides(feature_store, tmp_path, "cli"), "train.epochs=1",
+                 "--quiet"]) == 0
+    assert main(["evaluate", str(tmp_path / "cli"), "--split", "test", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "rsum" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "MISSING.yaml"], "does not exist"),
+    (["evaluate", "/nonexistent/run"], "is not a run directory"),
+])
+def test_cli_errors_are_one_line_and_nonzero(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err
+
+
+def test_unknown_override_key_fails_cleanly(feature_store, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  epochs: 1\n")
+    assert main(["train", str(config), "train.epocs=2"]) == 2
+    assert "unknown config key 'train.epocs'" in capsys.readouterr().err
+
+
+def test_feature_dim_mismatch_is_named(feature_store, tmp_path):
+    cfg = load_config(None, tiny_overrides(feature_store, tmp_path) + ["model.image_dim=64"])
+    with pytest.raises(SelfAlignError, match="32-d but model.image_dim is 64"):
+        train(cfg, progress=False)
+    assert torch.get_num_threads() >= 1
