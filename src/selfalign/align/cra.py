@@ -1,0 +1,116 @@
+"""CRA: context-level alignment (method.md §1.4): per-modality context heads and the multi-positive NCE.
+
+Each modality owns a ``ContextHead`` (nothing is shared across modalities). From contextual locals
+``h_1..h_n`` it builds the masked mean ``h_bar``, the enhanced global ``e = ReLU(BN1(W_c h_bar + b_c))``,
+the CRA locals ``l_i = norm(ReLU(BN2(h_i)))`` and the gated fusion ``c = norm(lam h_bar + (1 - lam) e)``.
+``cra_loss`` contrasts one modality's ``norm(e)`` against the other modality's locals.
+
+Documented deviations from the official code (which pads text to a fixed length and lets the padding in):
+padded positions are excluded from the means, from BN2's batch statistics, from the positives and from the
+negatives, and padded CRA locals are exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfalign.align._checks import check_locals, check_same_batch
+from selfalign.errors import InputError
+
+__all__ = ["ContextHead", "ContextOutput", "cra_loss", "masked_mean"]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid positions: ``x [B, L, d]``, ``mask [B, L]`` -> ``[B, d]`` (zeros where nothing is valid)."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    total = x.masked_fill(~mask.bool().unsqueeze(-1), 0.0).sum(dim=1)
+    return total / m.sum(dim=1).clamp_min(1.0)
+
+
+class ContextOutput(NamedTuple):
+    """What a ContextHead computes for one modality (B = batch, L = positions, d = width)."""
+
+    global_mean: torch.Tensor  # h_bar [B, d]: masked mean of the contextual locals
+    enhanced: torch.Tensor  # e [B, d] = ReLU(BN1(FC(h_bar)))  (not normalised; the CRA query is norm(e))
+    locals: torch.Tensor  # l [B, L, d] = norm(ReLU(BN2(h))), zeros at padding (CRA keys)
+    fused: torch.Tensor  # c [B, d] = norm(lam h_bar + (1 - lam) e)  (goes into the retrieval embedding)
+    local_mean: torch.Tensor  # m [B, d]: masked mean of l, not re-normalised
+    mask: torch.Tensor  # [B, L] bool, True = valid
+
+
+class ContextHead(nn.Module):
+    """Context enhancement + CRA locals + gated fusion for one modality (about 3 d^2 parameters)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.ctx_fc = nn.Linear(dim, dim)
+        self.bn1 = nn.BatchNorm1d(dim)
+        self.bn2 = nn.BatchNorm1d(dim)
+        self.fusion_hidden = nn.Linear(2 * dim, dim)  # W1 [d, 2d]
+        self.fusion_out = nn.Linear(dim, 1)  # w2 [1, d]
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor) -> ContextOutput:
+        """``context [B, L, d]`` (un-normalised contextual locals), ``mask [B, L]`` -> ContextOutput."""
+        check_locals("context", context, mask, self.dim)
+        mask = mask.bool()
+        context = context.masked_fill(~mask.unsqueeze(-1), 0.0)
+        h_bar = masked_mean(context, mask)
+        enhanced = F.relu(self.bn1(self.ctx_fc(h_bar)))
+        # BN2 sees valid positions only, so its batch statistics (and running stats) ignore padding.
+        valid = context[mask]  # [N_valid, d]
+        local_valid = F.normalize(F.relu(self.bn2(valid)), dim=-1)
+        locals_ = context.new_zeros(context.shape).index_put((mask.nonzero(as_tuple=True)), local_valid.to(context.dtype))
+        lam = torch.sigmoid(self.fusion_out(F.relu(self.fusion_hidden(torch.cat([h_bar, enhanced], dim=-1)))))
+        fused = F.normalize(lam * h_bar + (1.0 - lam) * enhanced, dim=-1)
+        return ContextOutput(h_bar, enhanced, locals_, fused, masked_mean(locals_, mask), mask)
+
+
+def cra_loss(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    keys_mask: torch.Tensor,
+    temperature: float = 0.7,
+    num_negatives: int = 512,
+) -> torch.Tensor:
+    """Multi-positive NCE of globals ``query [B, d]`` against the other modality's locals ``keys [B, L, d]``.
+
+    For each pair b and each valid local i of pair b (one positive at a time):
+    ``-log( e^{s_bbi} / (e^{s_bbi} + sum_{(c,j) in N(b)} e^{s_bcj}) )`` with ``s = q.k / T``, where ``N(b)`` are the
+    ``num_negatives`` highest-scoring valid locals of the OTHER pairs (all of them if fewer exist), shared by all
+    positives of ``b``. Returns the mean over all valid (b, i); pairs with no valid local contribute nothing.
+    """
+    if query.dim() != 2:
+        raise InputError(f"query: expected shape [B, d], got {tuple(query.shape)}")
+    check_locals("keys", keys, keys_mask, query.shape[1])
+    check_same_batch("query", query, "keys", keys)
+    if temperature <= 0:
+        raise InputError(f"cra temperature must be > 0, got {temperature}")
+    if num_negatives < 0:
+        raise InputError(f"cra num_negatives must be >= 0, got {num_negatives}")
+    batch, length, _ = keys.shape
+    keys_mask = keys_mask.bool()
+    if not bool(keys_mask.any()):
+        return (query.sum() + keys.sum()) * 0.0
+    keys = keys.masked_fill(~keys_mask.unsqueeze(-1), 0.0)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        scores = torch.einsum("bd,cld->bcl", query.float(), keys.float()) / temperature  # [B, B, L]
+        positives = scores.diagonal(dim1=0, dim2=1).t()  # [B, L]: s[b, b, i]
+        same_pair = torch.eye(batch, dtype=torch.bool, device=query.device).unsqueeze(-1)
+        is_negative = keys_mask.unsqueeze(0) & ~same_pair  # [B, B, L]
+        k = min(num_negatives, batch * length)
+        if k > 0:
+            neg = scores.masked_fill(~is_negative, float("-inf")).reshape(batch, -1).topk(k, dim=1).values
+            has_neg = torch.isfinite(neg[:, 0])
+            # logsumexp of an all -inf row has a NaN gradient: compute it on zeros there, then discard.
+            lse = torch.logsumexp(torch.where(has_neg.unsqueeze(1), neg, torch.zeros_like(neg)), dim=1)
+            lse = torch.where(has_neg, lse, torch.full_like(lse, float("-inf")))
+        else:
+            lse = positives.new_full((batch,), float("-inf"))
+        # -log(e^p / (e^p + e^lse)) = softplus(lse - p); equals 0 when there are no negatives.
+        per_positive = F.softplus(lse.unsqueeze(1) - positives)  # [B, L]
+        return per_positive[keys_mask].mean()

@@ -1,0 +1,196 @@
+"""LCA: concept-level alignment through a shared prototype codebook with Sinkhorn codes (method.md §1.3).
+
+Text -> image (the official direction): every valid region of the batch gets an equipartitioned soft code
+``q`` over the K prototypes (Sinkhorn on ``C v``, detached). Every valid word picks, by hard argmax of the
+cosine, one region of its OWN image and must predict that region's code with ``softmax(C w / tau_s)``::
+
+    L_t2i = mean over captions [ (1 / n_T) * sum_t  CE(q_{r*(t)}, softmax(C w_t / tau_s)) ]
+
+Regions get no gradient from this direction: targets are detached and the argmax is not differentiable.
+The "symmetric" variant adds the mirror term (codes over all valid words; every valid region predicts the
+code of its best word in the paired caption) and returns the mean of the two directions.
+
+Padding never participates: codes, matches and the loss are built from masked selections only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfalign.align._checks import check_locals, check_same_batch
+from selfalign.align.sinkhorn import sinkhorn
+from selfalign.errors import ConfigError, InputError
+
+__all__ = ["LCA"]
+
+
+class LCA(nn.Module):
+    """Prototype codebook ``C [K, d]`` (shared by both modalities) and the LCA loss.
+
+    Freezing (SwAV's ``freeze_prototypes_niters``, the official code's epoch-0 freeze): ``freeze_codebook(True)``
+    only sets a flag; the trainer calls ``drop_frozen_grad()`` after ``backward()`` and before clipping and the
+    optimizer step, which sets the codebook's ``.grad`` to ``None`` so optimizers skip it entirely (no update,
+    no weight decay, no moment state). ``requires_grad`` is never toggled, so a DistributedDataParallel wrapper
+    built before the freeze keeps reducing the codebook's gradient on every rank.
+
+    Every forward renormalises the codebook rows in place, so run ``backward()`` on one LCA loss before
+    computing the next (as any forward/backward training step does).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int = 1024,
+        epsilon: float = 0.05,
+        iterations: int = 3,
+        student_temperature: float = 0.1,
+        direction: Literal["text_to_image", "symmetric"] = "symmetric",
+        distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        if direction not in ("text_to_image", "symmetric"):
+            raise ConfigError(f"align.lca_direction: {direction!r} is not one of ['text_to_image', 'symmetric']")
+        for key, value in (("codebook_size", codebook_size), ("sinkhorn_iters", iterations)):
+            if value < 1:
+                raise ConfigError(f"align.{key}: must be >= 1, got {value}")
+        for key, value in (("sinkhorn_epsilon", epsilon), ("student_temperature", student_temperature)):
+            if value <= 0:
+                raise ConfigError(f"align.{key}: must be > 0, got {value}")
+        self.dim = dim
+        # nn.Linear gives PyTorch's default (Kaiming-uniform) init, as the official `v_prototypes`.
+        self.prototypes = nn.Linear(dim, codebook_size, bias=False)
+        self.epsilon = epsilon
+        self.iterations = iterations
+        self.student_temperature = student_temperature
+        self.direction = direction
+        self.distributed = distributed
+        self._frozen = False
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The prototypes ``[K, d]`` (rows unit-norm after any forward)."""
+        return self.prototypes.weight
+
+    def freeze_codebook(self, flag: bool = True) -> None:
+        """Mark the codebook frozen (or not); takes effect through ``drop_frozen_grad()``."""
+        self._frozen = bool(flag)
+
+    @property
+    def codebook_frozen(self) -> bool:
+        return self._frozen
+
+    def drop_frozen_grad(self) -> None:
+        """If frozen, discard the codebook gradient (call after backward, before clipping / optimizer step)."""
+        if self._frozen:
+            self.prototypes.weight.grad = None
+
+    @torch.no_grad()
+    def normalize_codebook(self) -> None:
+        """L2-normalise the prototype rows in place (SwAV does this before every forward)."""
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    @torch.no_grad()
+    def assign(self, features: torch.Tensor) -> torch.Tensor:
+        """Hard code of each feature: ``argmax_k C_k . x`` over unit-norm prototypes. ``[N, d] -> [N]`` long."""
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise InputError(f"features: expected shape [N, {self.dim}], got {tuple(features.shape)}")
+        protos = F.normalize(self.prototypes.weight, dim=1)
+        return (features.to(protos.dtype) @ protos.t()).argmax(dim=1)
+
+    def forward(
+        self,
+        img_free: torch.Tensor,
+        img_mask: torch.Tensor,
+        txt_free: torch.Tensor,
+        txt_mask: torch.Tensor,
+        word_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LCA loss (scalar) from context-free locals ``img_free [B, R, d]``, ``txt_free [B, L, d]`` (unit-norm).
+
+        ``img_mask [B, R]``, ``txt_mask [B, L]``: True = valid. ``word_weight [B, L]`` (optional, >= 0, usually a
+        0/1 mask such as "is a noun") restricts the words that take part: per-caption averages become weighted
+        averages, captions whose selected weight is zero are left out of the batch mean, and in the symmetric
+        variant regions are matched among the selected words only (all valid words still get Sinkhorn codes).
+        """
+        check_locals("img_free", img_free, img_mask, self.dim)
+        check_locals("txt_free", txt_free, txt_mask, self.dim)
+        check_same_batch("img_free", img_free, "txt_free", txt_free)
+        img_mask = img_mask.bool()
+        txt_mask = txt_mask.bool()
+        weight = txt_mask.float()
+        if word_weight is not None:
+            if tuple(word_weight.shape) != tuple(txt_mask.shape):
+                raise InputError(f"word_weight: expected shape {tuple(txt_mask.shape)}, got {tuple(word_weight.shape)}")
+            if bool((word_weight < 0).any()):
+                raise InputError("word_weight: weights must be >= 0")
+            weight = weight * word_weight.float()
+        # Zero the padding so garbage there (even NaN) cannot leak through 0 * x in any product.
+        img_free = img_free.masked_fill(~img_mask.unsqueeze(-1), 0.0)
+        txt_free = txt_free.masked_fill(~txt_mask.unsqueeze(-1), 0.0)
+
+        self.normalize_codebook()
+        protos = self.prototypes.weight
+        symmetric = self.direction == "symmetric"
+        # One projection C.x per valid local serves as both the Sinkhorn scores and the student logits.
+        img_rows, img_valid = _valid_rows(img_free, img_mask)
+        txt_rows, txt_valid = _valid_rows(txt_free, txt_mask)
+        with torch.set_grad_enabled(symmetric and torch.is_grad_enabled()):
+            img_proj = img_valid @ protos.t().to(img_valid.dtype)  # [N_regions, K]
+        txt_proj = txt_valid @ protos.t().to(txt_valid.dtype)  # [N_words, K]
+
+        img_codes = sinkhorn(img_proj.detach(), self.epsilon, self.iterations, self.distributed)
+        loss = self._predict(img_free, img_rows, img_codes, img_mask, txt_free, txt_rows, txt_proj, weight)
+        if symmetric:
+            txt_codes = sinkhorn(txt_proj.detach(), self.epsilon, self.iterations, self.distributed)
+            mirror = self._predict(txt_free, txt_rows, txt_codes, weight > 0, img_free, img_rows, img_proj, img_mask.float())
+            loss = 0.5 * (loss + mirror)
+        return loss
+
+    def _predict(
+        self,
+        target: torch.Tensor,
+        target_rows: torch.Tensor,
+        codes: torch.Tensor,
+        match_mask: torch.Tensor,
+        source: torch.Tensor,
+        source_rows: torch.Tensor,
+        source_proj: torch.Tensor,
+        source_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """One direction: sources ``[B, S, d]`` predict the Sinkhorn code of their best target ``[B, M, d]``.
+
+        ``target_rows [B, M]`` / ``source_rows [B, S]``: row of each position in ``codes`` / ``source_proj``
+        (-1 at padding); ``match_mask [B, M]``: targets a source may be matched to (valid, and selected);
+        ``source_weight [B, S]``: > 0 for the sources that take part.
+        """
+        batch, n_sources, _ = source.shape
+        n_targets = target.shape[1]
+        with torch.no_grad():
+            sim = torch.bmm(source.detach(), target.detach().transpose(1, 2))  # [B, S, M] cosines
+            best = sim.masked_fill(~match_mask.unsqueeze(1), float("-inf")).argmax(dim=2)  # [B, S]
+            takes_part = (source_weight > 0) & match_mask.any(dim=1, keepdim=True)
+            b_idx, s_idx = takes_part.nonzero(as_tuple=True)
+            tgt = target_rows.reshape(-1)[b_idx * n_targets + best[b_idx, s_idx]]
+            src = source_rows.reshape(-1)[b_idx * n_sources + s_idx]
+        if b_idx.numel() == 0:
+            return self.prototypes.weight.sum() * 0.0  # nothing to predict; keeps a graph so backward() works
+        logits = source_proj[src].float() / self.student_temperature
+        ce = -(codes[tgt] * F.log_softmax(logits, dim=-1)).sum(dim=-1)  # [n]
+        w = source_weight[b_idx, s_idx].float()
+        num = ce.new_zeros(batch).index_add(0, b_idx, ce * w)
+        den = ce.new_zeros(batch).index_add(0, b_idx, w)
+        present = den > 0
+        return (num[present] / den[present]).mean()
+
+
+def _valid_rows(feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid locals ``[N, d]`` of ``feats [B, L, d]`` and the row of each position ``[B, L]`` (-1 at padding)."""
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    rows = torch.full((mask.numel(),), -1, dtype=torch.long, device=mask.device)
+    rows[flat] = torch.arange(flat.numel(), device=mask.device)
+    return rows.view(mask.shape), feats.reshape(-1, feats.shape[-1])[flat]
