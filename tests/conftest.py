@@ -47,3 +47,54 @@ def tiny_overrides(features: Path, out_dir: Path, name: str = "tiny") -> list[st
             "model.embed_dim=32", "model.word_dim=16", "model.image_context_heads=2", "align.codebook_size=16",
             "align.cra_negatives=32", "train.epochs=2", "train.batch_size=16", "train.device=cpu",
             "train.threads=1", "data.dev_max_images=16"]
+
+
+@pytest.fixture(scope="session")
+def tiny_scenes_run(tmp_path_factory) -> dict:
+    """A 64-px scenes dataset (40/8/8), its ground-truth-box features and a 1-epoch run on them (~15 s on CPU).
+
+    Returns ``{"root", "features", "run_dir"}``; the run's model reads real 1280-d EfficientNet regions.
+    """
+    from selfalign.config import load_config
+    from selfalign.data.scenes import generate_scenes, load_scenes
+    from selfalign.train import train
+    from selfalign.vision.backbone import load_backbone
+    from selfalign.vision.extract import extract_split
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread is ~3x faster for these tiny batches
+    base = tmp_path_factory.mktemp("tiny_scenes")
+    root, features = base / "data", base / "features"
+    generate_scenes(root, 40, 8, 8, seed=0, image_size=64, progress=False, workers=1)
+    backbone = load_backbone("cpu")
+    for split in ("train", "dev", "test"):
+        extract_split(load_scenes(root, split), features, split, "boxes", image_size=64, progress=False,
+                      backbone=backbone)
+    overrides = tiny_overrides(features, base / "runs", "tiny-scenes") + [
+        "model.image_dim=1280", "train.epochs=1", f"data.root={root}", "data.image_size=64"]
+    run_dir = train(load_config(None, overrides), progress=False)
+    torch.set_num_threads(threads)
+    return {"root": root, "features": features, "run_dir": run_dir}
+
+
+@pytest.fixture(scope="session")
+def tiny_gallery(tiny_scenes_run, tmp_path_factory) -> Path:
+    """A gallery of the tiny run's test split (8 images + 40 captions), built from its feature store."""
+    from selfalign.index.gallery_build import build_gallery
+
+    out = tmp_path_factory.mktemp("tiny_gallery") / "gallery"
+    build_gallery(tiny_scenes_run["run_dir"], out, dataset="scenes", root=tiny_scenes_run["root"], split="test",
+                  progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a test module: tiny batches on a shared 2-core machine run ~3x faster so."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

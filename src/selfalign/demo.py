@@ -56,6 +56,10 @@ def run_demo(workdir: Path, quick: bool = False, device: str = "auto") -> dict:
     print(format_table(metrics))
     print("[5/5] text -> image queries on the test split", flush=True)
     show_queries(run_dir, cfg.data.features, device)
+    from selfalign.index.gallery_build import build_demo_index
+
+    serve_command = build_demo_index(run_dir, cfg.data.root, workdir / "indexes" / cfg.name, device=device)
+    print(f"an index of the test images is ready; browse it with:\n  {serve_command}")
     print(f"done in {time.perf_counter() - started:.0f} s; everything is under {workdir}")
     return metrics
 
