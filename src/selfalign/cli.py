@@ -40,7 +40,10 @@ def _cmd_train(args) -> None:
             raise SelfAlignError("train needs a CONFIG.yaml (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
         run_dir = train(cfg, progress=not args.quiet)
-    print(f"run directory: {run_dir}")
+    from selfalign.distributed import world_info_from_env
+
+    if world_info_from_env().rank == 0:  # under torchrun every process runs this
+        print(f"run directory: {run_dir}")
 
 
 def _cmd_evaluate(args) -> None:

@@ -52,8 +52,18 @@ class ModelConfig:
     gru_layers: int = 1
     max_words: int = 40
     minilm_lr_scale: float = 0.1  # the pretrained transformer trains at this fraction of the learning rate
+    # fine-tune only the top N transformer layers (-1: all, with the embeddings; 0: none). The frozen lower layers
+    # run without gradients and their outputs are cached per caption, which makes MiniLM affordable on a CPU
+    minilm_trainable_layers: int = -1
     pooling: Literal["gpo", "mean"] = "gpo"
     dropout: float = 0.1
+    # How a pair is scored. "dot": the dual encoder (one dot product of embeddings; indexable). "scan": the
+    # cross-attention baseline (SCAN t2i over both encoders' contextual locals): every pair needs its own
+    # attention, so nothing can be indexed; SelfAlign (align.*) is not used in such runs.
+    similarity: Literal["dot", "scan"] = "dot"
+    scan_pooling: Literal["lse", "mean"] = "lse"  # SCAN: how the per-word scores pool (LogSumExp or mean)
+    scan_lambda_softmax: float = 9.0  # SCAN: inverse temperature of each word's attention over regions
+    scan_lambda_lse: float = 6.0  # SCAN: LogSumExp sharpness (scan_pooling=lse)
 
 
 @dataclass(frozen=True)

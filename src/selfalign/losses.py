@@ -10,24 +10,24 @@ import torch
 
 
 def hinge_triplet_loss(sims: torch.Tensor, image_ids: torch.Tensor, margin: float = 0.2,
-                       hardest: bool = True, column_ids: torch.Tensor | None = None,
-                       row_offset: int = 0) -> torch.Tensor:
-    """Summed VSE++ loss for ``sims [B, B']`` (row i = image of pair i, column j = caption of pair j).
+                       hardest: bool = True, anchors: slice | None = None) -> torch.Tensor:
+    """Summed VSE++ loss for ``sims [B, B]`` (row i = image of pair i, column j = caption of pair j; positives on
+    the diagonal). ``image_ids [B]`` names the image of each pair; pairs of the same image are never negatives.
 
-    Positives sit at ``(i, row_offset + i)``. ``image_ids [B]`` (and ``column_ids [B']``, default the same) name the
-    image of each pair; pairs of the same image are masked out as negatives. ``hardest`` uses the hardest negative
-    (VSE++ max violation), else the sum over all negatives (VSE∞'s warm-up).
+    ``hardest`` uses the hardest negative (VSE++ max violation), else the sum over all negatives (VSE∞'s warm-up).
+    ``anchors`` restricts the sum to the pairs ``anchors`` as anchors (their image row for caption retrieval, their
+    caption column for image retrieval): over disjoint slices covering the batch the parts add up to the full loss,
+    which is how each distributed rank takes its share of the loss on the gathered batch.
     """
-    column_ids = image_ids if column_ids is None else column_ids
-    rows = torch.arange(sims.shape[0], device=sims.device)
-    positive = sims[rows, rows + row_offset]
-    same_image = image_ids.unsqueeze(1) == column_ids.unsqueeze(0)  # [B, B']: never negatives
-    # Caption retrieval (image anchor, row i) and image retrieval (caption anchor, column j): the column side is
-    # only defined for the local rows' own captions, i.e. the square block starting at row_offset.
-    cost_caption = (margin + sims - positive.unsqueeze(1)).clamp(min=0).masked_fill(same_image, 0.0)
-    block = sims[:, row_offset: row_offset + sims.shape[0]]
-    block_same = same_image[:, row_offset: row_offset + sims.shape[0]]
-    cost_image = (margin + block - positive.unsqueeze(0)).clamp(min=0).masked_fill(block_same, 0.0)
+    anchors = slice(0, sims.shape[0]) if anchors is None else anchors
+    diagonal = sims.diagonal()
+    same_image = image_ids.unsqueeze(1) == image_ids.unsqueeze(0)  # [B, B]: never negatives
+    # caption retrieval: the anchor image's row against every caption of the batch
+    rows = sims[anchors]
+    cost_caption = (margin + rows - diagonal[anchors].unsqueeze(1)).clamp(min=0).masked_fill(same_image[anchors], 0.0)
+    # image retrieval: the anchor caption's column against every image of the batch
+    cols = sims[:, anchors]
+    cost_image = (margin + cols - diagonal[anchors].unsqueeze(0)).clamp(min=0).masked_fill(same_image[:, anchors], 0.0)
     if hardest:
         return cost_caption.max(1).values.sum() + cost_image.max(0).values.sum()
     return cost_caption.sum() + cost_image.sum()

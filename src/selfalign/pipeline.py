@@ -35,7 +35,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", fold5: bool = False, 
     run_dir = Path(run_dir)
     model, cfg = load_model(run_dir, resolve_device(device))
     features = load_feature_split(cfg.data.features, split)
+    # encode_split keeps the locals of a cross-attention run (model.similarity=scan) and score_embeddings then
+    # scores every pair with the batched SCAN scorer instead of a matrix product.
     metrics = score_embeddings(encode_split(model, features), fold5=fold5)
+    metrics["similarity"] = cfg.model.similarity
     metrics["split"] = split
     metrics["protocol"] = "coco_1k_5fold" if fold5 else f"{len(features.image_ids)}_images"
     atomic.write_json(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"), metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,52 +15,108 @@ from selfalign.model.model import RetrievalModel
 
 
 @dataclass
+class SplitLocals:
+    """What a cross-attention model scores: ``images [N, R, d]`` + ``image_mask [N, R]``, ``captions [M, L, d]`` +
+    ``caption_mask [M, L]`` (float32, CPU), and ``score(...) -> [N, M]``, the model's batched scorer."""
+
+    images: torch.Tensor
+    image_mask: torch.Tensor
+    captions: torch.Tensor
+    caption_mask: torch.Tensor
+    score: Callable[..., torch.Tensor]
+    device: torch.device
+
+
+@dataclass
 class SplitEmbeddings:
-    """``images [N, E]`` and ``captions [5N, E]`` embeddings of one split (float32, CPU)."""
+    """``images [N, E]`` and ``captions [5N, E]`` embeddings of one split (float32, CPU); ``locals`` is set when
+    the model scores pairs by cross-attention (``model.similarity=scan``), and then scoring uses it instead."""
 
     images: torch.Tensor
     captions: torch.Tensor
     seconds: float
+    locals: SplitLocals | None = None
+
+
+def _pad_cat(parts: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate ``[b, L_i, d]`` blocks (and ``[b, L_i]`` masks) padded to the largest L_i."""
+    width = max(p.shape[1] for p in parts)
+    out = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
+    return out, torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
 
 
 @torch.inference_mode()
-def encode_images(model: RetrievalModel, store: RegionStore, batch_size: int = 256) -> torch.Tensor:
-    """All images of ``store`` -> ``[N, E]``."""
-    out = []
+def _encode_images(model: RetrievalModel, store: RegionStore, batch_size: int, with_locals: bool):
+    out, locs, masks = [], [], []
     for start in range(0, len(store), batch_size):
         regions, mask = store.get(np.arange(start, min(start + batch_size, len(store))), model.device)
-        out.append(model.encode_image(regions, mask).embedding.float().cpu())
-    return torch.cat(out)
+        enc = model.encode_image(regions, mask)
+        out.append(enc.embedding.float().cpu())
+        if with_locals:
+            loc, m = model.scoring_locals(enc)
+            locs.append(loc.float().cpu())
+            masks.append(m.cpu())
+    return torch.cat(out), (_pad_cat(locs, masks) if with_locals else None)
 
 
 @torch.inference_mode()
-def encode_captions(model: RetrievalModel, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Caption strings -> ``[M, E]``."""
-    out = []
+def _encode_captions(model: RetrievalModel, captions: list[str], batch_size: int, with_locals: bool):
+    out, locs, masks = [], [], []
     for start in range(0, len(captions), batch_size):
         tokens = model.tokenize(captions[start:start + batch_size]).to(model.device)
-        out.append(model.encode_text(tokens).embedding.float().cpu())
-    return torch.cat(out)
+        enc = model.encode_text(tokens)
+        out.append(enc.embedding.float().cpu())
+        if with_locals:
+            loc, m = model.scoring_locals(enc)
+            locs.append(loc.float().cpu())
+            masks.append(m.cpu())
+    return torch.cat(out), (_pad_cat(locs, masks) if with_locals else None)
 
 
-def encode_split(model: RetrievalModel, split, max_images: int = 0, batch_size: int = 256) -> SplitEmbeddings:
-    """Encode the first ``max_images`` images (0: all) of a FeatureSplit and their 5 captions each."""
+def encode_images(model: RetrievalModel, store: RegionStore, batch_size: int = 256) -> torch.Tensor:
+    """All images of ``store`` -> ``[N, E]``."""
+    return _encode_images(model, store, batch_size, False)[0]
+
+
+def encode_captions(model: RetrievalModel, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Caption strings -> ``[M, E]``."""
+    return _encode_captions(model, captions, batch_size, False)[0]
+
+
+def encode_split(model: RetrievalModel, split, max_images: int = 0, batch_size: int = 256,
+                 with_locals: bool | None = None) -> SplitEmbeddings:
+    """Encode the first ``max_images`` images (0: all) of a FeatureSplit and their 5 captions each.
+
+    The locals are kept too (``SplitEmbeddings.locals``, encoded once per image and caption, so scoring never
+    re-encodes) when ``with_locals`` is true; by default exactly for a cross-attention model
+    (``model.similarity=scan``), which :func:`score_embeddings` then scores with SCAN.
+    """
     n = len(split.image_ids) if max_images <= 0 else min(max_images, len(split.image_ids))
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    scan = model.model_cfg.similarity == "scan" if with_locals is None else with_locals
     store = RegionStore(split.images[:n], split.region_mask()[:n])
-    images = encode_images(model, store, batch_size)
-    captions = encode_captions(model, list(split.captions[: 5 * n]), batch_size)
+    images, img_locals = _encode_images(model, store, batch_size, scan)
+    captions, cap_locals = _encode_captions(model, list(split.captions[: 5 * n]), batch_size, scan)
+    locals_ = None
+    if scan:
+        locals_ = SplitLocals(*img_locals, *cap_locals, score=model.score_locals, device=model.device)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return SplitEmbeddings(images, captions, seconds)
+    return SplitEmbeddings(images, captions, seconds, locals_)
 
 
 def score_embeddings(emb: SplitEmbeddings, fold5: bool = False) -> dict:
-    """Similarity ``[N, 5N]`` by one matrix product, then the protocol's metrics (+ timings)."""
+    """Similarity ``[N, 5N]`` — one matrix product, or for a cross-attention model every pair by the batched SCAN
+    scorer on the model's device — then the protocol's metrics (+ timings)."""
     start = time.perf_counter()
-    sims = emb.images @ emb.captions.T
+    if emb.locals is None:
+        sims = emb.images @ emb.captions.T
+    else:
+        loc = emb.locals
+        with torch.inference_mode():
+            sims = loc.score(loc.images, loc.image_mask, loc.captions, loc.caption_mask, device=loc.device).cpu()
     sim_seconds = time.perf_counter() - start
     metrics = fold5_metrics(sims.numpy()) if fold5 else retrieval_metrics(sims.numpy())
     metrics["encode_seconds"] = round(emb.seconds, 4)

@@ -156,6 +156,9 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     cfg = read_run_config(run_dir)
+    if cfg.model.similarity != "dot":  # a SCAN run's pairs need cross-attention: no embedding to index
+        raise InputError(f"{run_dir / 'config.json'}: model.similarity={cfg.model.similarity} scores each pair by "
+                         f"cross-attention, which a vector index cannot search; index a dual-encoder run")
     old_manifest: dict[str, Any] | None = None
     if add:
         old_manifest = read_manifest(out)

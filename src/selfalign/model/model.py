@@ -7,13 +7,14 @@ embedded once and searched with an index.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from selfalign.config import AlignConfig, ModelConfig
 from selfalign.data.text import TokenBatch, Vocabulary
+from selfalign.errors import ConfigError
 from selfalign.model.image_encoder import ImageEncoder
 from selfalign.model.text_encoder import GRUTextEncoder, MiniLMTextEncoder
 
@@ -36,7 +37,12 @@ class Encoded:
 
 
 class RetrievalModel(nn.Module):
-    """Dual encoder with ``encode_image`` / ``encode_text``; ``align`` is the SelfAlign module or None."""
+    """Dual encoder with ``encode_image`` / ``encode_text``; ``align`` is the SelfAlign module or None.
+
+    ``model.similarity=scan`` turns the same encoders into the cross-attention baseline: pairs are scored by SCAN
+    t2i attention over the contextual locals (:meth:`similarity`), and SelfAlign is not built (its CRA output is
+    the retrieval embedding, which SCAN never uses; keeping the baseline plain keeps the comparison clean).
+    """
 
     def __init__(self, model_cfg: ModelConfig, align_cfg: AlignConfig, vocab: Vocabulary | None,
                  init_pretrained: bool = True):
@@ -47,14 +53,18 @@ class RetrievalModel(nn.Module):
         self.image_encoder = ImageEncoder(model_cfg.image_dim, d, model_cfg.image_context_layers,
                                           model_cfg.image_context_heads, model_cfg.dropout, model_cfg.pooling)
         if model_cfg.text_encoder == "minilm":
-            self.text_encoder: nn.Module = MiniLMTextEncoder(d, model_cfg.max_words, model_cfg.pooling)
+            self.text_encoder: nn.Module = MiniLMTextEncoder(d, model_cfg.max_words, model_cfg.pooling,
+                                                                model_cfg.minilm_trainable_layers)
         else:
             assert vocab is not None, "the BiGRU text encoder needs a vocabulary"
             self.text_encoder = GRUTextEncoder(vocab, d, model_cfg.word_dim, model_cfg.gru_layers, model_cfg.max_words,
                                                model_cfg.pooling, model_cfg.glove, model_cfg.dropout,
                                                load_vectors=init_pretrained)
+        for key in ("scan_lambda_softmax", "scan_lambda_lse"):
+            if getattr(model_cfg, key) <= 0:
+                raise ConfigError(f"config key 'model.{key}': must be > 0, got {getattr(model_cfg, key)}")
         self.align = None
-        if align_cfg.lca or align_cfg.cra:
+        if model_cfg.similarity == "dot" and (align_cfg.lca or align_cfg.cra):
             from selfalign.align import SelfAlign
 
             self.align = SelfAlign(d, align_cfg)
@@ -93,7 +103,54 @@ class RetrievalModel(nn.Module):
         return self.align.losses_from(image.free, image.mask, text.free, text.mask, image.heads, text.heads,
                                       word_weight)
 
+    @staticmethod
+    def scoring_locals(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """The locals SCAN attends over: ``(context [B, L, d], mask [B, L])``.
+
+        The contextual locals, on both sides: for text they are SCAN's own BiGRU word features; for images they
+        add the residual MLP and region self-attention to SCAN's FC regions, so the baseline is at least as strong
+        as published SCAN, and every encoder layer it trains is one it uses.
+        """
+        return enc.context, enc.mask
+
+    def score_locals(self, img_locals: torch.Tensor, img_mask: torch.Tensor, txt_locals: torch.Tensor,
+                     txt_mask: torch.Tensor, device: torch.device | str | None = None,
+                     normalized: bool = False) -> torch.Tensor:
+        """SCAN t2i scores ``[N, M]`` of ``img_locals [N, R, d]`` x ``txt_locals [M, L, d]`` with this model's
+        lambdas and pooling; batched and chunked, blocks moved to ``device`` (default: the locals' device).
+        ``normalized``: the locals are already unit vectors (a cached gallery): skip that pass."""
+        from selfalign.crossattn.scan import scan_t2i_scores
+
+        cfg = self.model_cfg
+        return scan_t2i_scores(img_locals, img_mask, txt_locals, txt_mask, cfg.scan_lambda_softmax,
+                               cfg.scan_pooling, cfg.scan_lambda_lse, device=device, normalized=normalized)
+
+    def similarity(self, image: Encoded, text: Encoded,
+                   gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Scores ``[B_img, B_txt]`` of every image with every caption: the embeddings' dot product, or SCAN.
+
+        ``gather`` (e.g. an all-gather over data-parallel ranks, rows concatenated) is applied to whatever the
+        scorer needs, so the scores span the global batch; by default the batch is this process's own.
+        """
+        gather = gather or (lambda x: x)
+        if self.model_cfg.similarity == "dot":
+            return gather(image.embedding.float()) @ gather(text.embedding.float()).T
+        img_locals, img_mask = _gather_locals(*self.scoring_locals(image), gather)
+        txt_locals, txt_mask = _gather_locals(*self.scoring_locals(text), gather)
+        return self.score_locals(img_locals, img_mask, txt_locals, txt_mask)
+
     @property
     def embedding_dim(self) -> int:
         d = self.model_cfg.embed_dim
         return 3 * d if self.align is not None and self.align_cfg.cra else d
+
+
+def _gather_locals(locals_: torch.Tensor, mask: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather ``locals_ [B, L, d]`` and ``mask [B, L]`` row-wise. Ranks may trim captions to different L, so each
+    first pads to the widest L of the global batch (learnt by gathering every row's width)."""
+    width = int(gather(torch.full((locals_.shape[0],), locals_.shape[1], device=locals_.device)).max())
+    if width > locals_.shape[1]:
+        locals_ = torch.nn.functional.pad(locals_, (0, 0, 0, width - locals_.shape[1]))
+        mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
+    return gather(locals_.float()), gather(mask.to(torch.uint8)).bool()

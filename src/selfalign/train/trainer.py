@@ -1,5 +1,10 @@
 """The training loop: VSE++ ranking loss (+ SelfAlign's losses), AdamW, LR schedule, dev validation by rsum,
-atomic checkpoints and exact resume."""
+atomic checkpoints, exact resume, and data parallelism over processes (``torchrun``; see docs/DISTRIBUTED.md).
+
+Every epoch's batches are a pure function of (seed, epoch); with W processes rank r takes rows ``r::W`` of each
+global batch, embeddings are all-gathered so negatives span every rank, and the per-rank losses are scaled so that
+the gradients summed over ranks equal the one-process gradient on the combined batch. Only rank 0 writes and prints.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +17,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from selfalign import distributed as D
 from selfalign.config import RunConfig
 from selfalign.data.batches import RegionStore, drop_regions, epoch_batches
-from selfalign.data.precomp import load_feature_split
+from selfalign.data.precomp import check_finite, load_feature_split
 from selfalign.data.text import TokenBatch, Vocabulary
 from selfalign.errors import InputError, SelfAlignError
 from selfalign.evaluate.runner import encode_split, score_embeddings
 from selfalign.losses import hinge_triplet_loss
 from selfalign.model.checkpoint import WEIGHTS, build_model, save_run_files, save_weights
 from selfalign.train.logger import RunLogger
-from selfalign.train.state import STATE, Progress, load_state, save_state
+from selfalign.train.state import (STATE, Progress, TrainingDiverged, load_state, require_finite, rng_snapshot,
+                                   save_state)
 
-
-class TrainingDiverged(SelfAlignError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+__all__ = ["train", "TrainingDiverged", "step_losses", "prepare_model", "training_batches", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,18 +68,99 @@ def build_scheduler(optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training_batches(n_pairs: int, cfg: RunConfig, epoch: int, world_size: int = 1) -> list[np.ndarray]:
+    """The global batches (pair indices) of ``epoch``; a final batch too small to give every rank a row is dropped."""
+    batches = [b for b in epoch_batches(n_pairs, cfg.train.batch_size, cfg.train.seed, epoch) if len(b) >= world_size]
+    if cfg.train.max_steps_per_epoch > 0:
+        batches = batches[: cfg.train.max_steps_per_epoch]
+    return batches
+
+
+def prepare_model(model, world: D.World) -> None:
+    """Make ``model`` data-parallel over ``world``: BatchNorm statistics and LCA's Sinkhorn sums span every rank and
+    all ranks start from rank 0's weights. Nothing changes for one process."""
+    if world.size == 1:
+        return
+    D.convert_batchnorm(model)
+    if model.align is not None and model.align.lca is not None:
+        model.align.lca.distributed = True
+    D.broadcast_module(model)
+
+
 def _rows(tokens: TokenBatch, idx: np.ndarray) -> TokenBatch:
     """Select captions ``idx`` from a pre-tokenised split and trim the padding to the longest one."""
     rows = torch.from_numpy(idx)
     mask = tokens.mask[rows]
-    length = max(1, int(mask.sum(1).max()))
+    length = max(1, int(mask.sum(1).max())) if len(idx) else 1
     return TokenBatch(tokens.ids[rows, :length], mask[:, :length], [tokens.words[i] for i in idx])
+
+
+def step_losses(model, cfg: RunConfig, store: RegionStore, tokens: TokenBatch, batch: np.ndarray, rank: int,
+                world_size: int, device: torch.device, generator: torch.Generator, hardest: bool,
+                use_amp: bool = False, word_weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's share of the loss of the global ``batch`` (pair indices ``[B]``; pair p = caption p of image p//5).
+
+    Returns ``(local, parts)``: ``local`` is what this rank back-propagates — summed over ranks (as gradients are) it
+    is the one-process loss of the whole batch; ``parts`` are its pieces (rank, lca, cra), also shares of the total.
+    The ranking loss and LCA's Sinkhorn codes are exactly global; CRA's negatives are the rank's own pairs.
+    ``word_weight [n_pairs, L]`` (optional, CPU) restricts LCA to some words of every caption (``align.lca_words``).
+    """
+    sizes = D.shard_sizes(len(batch), world_size)
+    mine = batch[rank::world_size]
+    offset = sum(sizes[:rank])
+    gathered_order = np.concatenate([batch[r::world_size] for r in range(world_size)])
+    # region dropout is drawn for the whole batch, so any number of ranks sees the same masks
+    mask = drop_regions(store.mask[torch.from_numpy(batch // 5)], cfg.data.region_dropout, generator)
+    mask = mask[rank::world_size].to(device)
+    regions, _ = store.get(mine // 5, device)
+    text_tokens = _rows(tokens, mine).to(device)
+    if word_weight is not None:
+        word_weight = word_weight[torch.from_numpy(mine), : text_tokens.ids.shape[1]].to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        image = model.encode_image(regions, mask)
+        text = model.encode_text(text_tokens)
+        aligned = model.align_losses(image, text, word_weight)
+    with torch.autocast(device.type, enabled=False):
+        sims = model.similarity(image, text, lambda x: D.all_gather_with_grad(x, sizes)).float()  # global batch
+        ids = torch.from_numpy(gathered_order // 5).to(device)  # every rank knows the batch: no need to gather ids
+        parts = {"rank": hinge_triplet_loss(sims, ids, cfg.train.margin, hardest,
+                                            anchors=slice(offset, offset + len(mine)))}
+    share = len(mine) / len(batch)  # LCA/CRA are means over pairs: weight each rank's mean by its share of pairs
+    parts.update({k: share * v.float() for k, v in aligned.items()})
+    return sum(parts.values()), parts
+
+
+def _diverged(what: str, epoch: int, step: int, state: Progress, run_dir: Path, detail: str = "") -> TrainingDiverged:
+    kept = (f"the last good checkpoint in {run_dir} is kept" if (run_dir / STATE).is_file()
+            else "no checkpoint had been written yet")
+    return TrainingDiverged(f"{what} at epoch {epoch + 1}, step {step + 1} (global step {state.global_step + 1}"
+                            f"{detail}); "
+                            f"training stopped before updating the weights and {kept}. Lower train.lr or check "
+                            f"the features.")
+
+
+def _lca_word_weight(model, cfg: RunConfig, tokens: TokenBatch) -> torch.Tensor | None:
+    """``[n_pairs, L]`` 0/1 weights of the words LCA uses (``align.lca_words``), tagged once; None for all words."""
+    if cfg.align.lca_words == "all" or model.align is None or model.align.lca is None:
+        return None
+    from selfalign.analysis.pos import pos_word_weights  # optional layer (spaCy), imported only when asked for
+
+    return pos_word_weights(tokens.words, cfg.align.lca_words, length=tokens.ids.shape[1])
+
+
+def _checkpoint(run_dir: Path, model, optimizer, scheduler, state: Progress, world: D.World) -> None:
+    require_finite(model, optimizer)  # on every rank (the weights are identical), so all stop together
+    rngs = D.gather_objects(rng_snapshot())
+    if world.is_main:
+        save_state(run_dir, model, optimizer, scheduler, state, rngs)
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True, run_dir: Path | None = None,
           stop_after_steps: int = 0) -> Path:
     """Train (or resume) the run ``cfg.out_dir/cfg.name``; return its directory.
 
+    Under ``torchrun`` (or an ``srun`` step) every process calls this and they train one model together.
     ``stop_after_steps`` > 0 ends the process's work after that many optimizer steps (tests use it to simulate a
     crash at a known point).
     """
@@ -84,33 +170,56 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, run_dir: 
                              f"name (name=...)")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    world = D.init_distributed(resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, resume, progress and world.is_main, run_dir, stop_after_steps, world)
+    finally:
+        D.shutdown(world)
+
+
+def _load_data(cfg: RunConfig):
     train_split = load_feature_split(cfg.data.features, cfg.data.train_split)
     dev_split = load_feature_split(cfg.data.features, cfg.data.dev_split)
     if train_split.images.shape[-1] != cfg.model.image_dim:
         raise InputError(f"{cfg.data.features}: region features are {train_split.images.shape[-1]}-d but "
                          f"model.image_dim is {cfg.model.image_dim}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, split in ((cfg.data.train_split, train_split), (cfg.data.dev_split, dev_split)):
+        try:
+            check_finite(split)  # one chunked pass: a NaN feature would otherwise surface as a diverged loss
+        except InputError as exc:
+            raise InputError(f"{cfg.data.features}, split '{name}': {exc}") from None
+    return train_split, dev_split
+
+
+def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_after_steps: int,
+           world: D.World) -> Path:
+    device = world.device
+    seed_everything(cfg.train.seed)
+    train_split, dev_split = _load_data(cfg)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     vocab = None
     if cfg.model.text_encoder == "bigru":
         vocab = Vocabulary.load(run_dir / "vocab.json") if resume else Vocabulary.build(list(train_split.captions))
     model = build_model(cfg, vocab).to(device)
-    if not resume:
+    prepare_model(model, world)
+    if not resume and world.is_main:
         save_run_files(run_dir, cfg, vocab)
     store = RegionStore(train_split.images, train_split.region_mask(), pin_memory=device.type == "cuda")
-    captions = list(train_split.captions)
-    all_tokens = model.tokenize(captions)
-    n_pairs = len(captions)
-    steps_per_epoch = len(epoch_batches(n_pairs, cfg.train.batch_size, cfg.train.seed, 0))
-    if cfg.train.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    all_tokens = model.tokenize(list(train_split.captions))
+    n_pairs = len(train_split.captions)
+    word_weight = _lca_word_weight(model, cfg, all_tokens)
+    steps_per_epoch = len(training_batches(n_pairs, cfg, 0, world.size))
+    if steps_per_epoch == 0:
+        raise InputError(f"{cfg.data.features}: {n_pairs} training pairs make no batch of at least {world.size}")
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     state = Progress()
     if resume:
-        state = load_state(run_dir, model, optimizer, scheduler, device)
-    logger = RunLogger(run_dir)
+        state = load_state(run_dir, model, optimizer, scheduler, device, world.rank, world.size)
+    elif world.size > 1:
+        torch.manual_seed(cfg.train.seed * 1_000_003 + world.rank)  # dropout: a different stream per rank
+    logger = RunLogger(run_dir) if world.is_main else None
     use_amp = cfg.train.amp and device.type == "cuda"
     generator = torch.Generator()
     steps_this_process = 0
@@ -120,49 +229,44 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, run_dir: 
             hardest = epoch >= cfg.train.warmup_epochs
             if model.align is not None and model.align.lca is not None:
                 model.align.lca.freeze_codebook(epoch < cfg.align.freeze_codebook_epochs)
-            batches = epoch_batches(n_pairs, cfg.train.batch_size, cfg.train.seed, epoch)[:steps_per_epoch]
+            batches = training_batches(n_pairs, cfg, epoch, world.size)
             model.train()
-            sums: dict[str, float] = {}
+            sums = state.epoch_sums
             started = time.perf_counter()
             bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                        disable=not progress, dynamic_ncols=True, leave=False, mininterval=1.0)
             first_step = state.step_in_epoch
             for step in range(first_step, len(batches)):
-                idx = batches[step]
-                image_idx = idx // 5
                 generator.manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
-                regions, mask = store.get(image_idx, device)
-                mask = drop_regions(mask, cfg.data.region_dropout, generator)
-                tokens = _rows(all_tokens, idx).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    image = model.encode_image(regions, mask)
-                    text = model.encode_text(tokens)
-                    sims = image.embedding.float() @ text.embedding.float().T
-                    losses = {"rank": hinge_triplet_loss(sims, torch.from_numpy(image_idx).to(device),
-                                                         cfg.train.margin, hardest)}
-                    losses.update(model.align_losses(image, text))
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step "
-                        f"{state.global_step + 1}); parts: { {k: round(v.item(), 4) for k, v in losses.items()} }. "
-                        f"The last good checkpoint in {run_dir} is kept; lower train.lr or check the features.")
+                local, parts = step_losses(model, cfg, store, all_tokens, batches[step], world.rank, world.size,
+                                           device, generator, hardest, use_amp, word_weight)
+                totals = D.all_reduce_sum(torch.stack([v.detach() for v in parts.values()])).tolist()
+                losses = dict(zip(parts, totals))
+                loss = sum(totals)
+                if not math.isfinite(loss):
+                    raise _diverged(f"the loss became {loss}", epoch, step, state, run_dir,
+                                    f"; parts: { {k: round(v, 4) for k, v in losses.items()} }")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                local.backward()
+                if model.align is not None:
+                    model.align.drop_frozen_grad()
+                D.all_reduce_grads(model.parameters())
+                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                if not math.isfinite(norm):
+                    raise _diverged(f"the gradient norm became {norm}", epoch, step, state, run_dir)
                 optimizer.step()
                 scheduler.step()
                 state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                pairs_per_s = (step + 1 - first_step) * len(idx) / max(1e-9, time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss.item():.3f}", pairs_s=f"{pairs_per_s:.0f}")
+                    sums[k] = sums.get(k, 0.0) + v
+                pairs_per_s = (step + 1 - first_step) * len(batches[step]) / max(1e-9, time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{pairs_per_s:.0f}")
                 bar.update(1)
                 steps_this_process += 1
                 every = cfg.train.checkpoint_every_steps
                 if every > 0 and state.global_step % every == 0 and state.step_in_epoch < len(batches):
-                    save_state(run_dir, model, optimizer, scheduler, state)
+                    _checkpoint(run_dir, model, optimizer, scheduler, state, world)
                 if stop_after_steps and steps_this_process >= stop_after_steps:
                     return run_dir
             bar.close()
@@ -171,19 +275,25 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, run_dir: 
             done = max(1, len(batches))
             row.update({f"loss_{k}": round(v / done, 5) for k, v in sums.items()})
             if (epoch + 1) % cfg.train.validate_every_epochs == 0 or epoch + 1 == cfg.train.epochs:
-                metrics = score_embeddings(encode_split(model, dev_split, cfg.data.dev_max_images))
-                row.update({f"dev_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-                if metrics["rsum"] > state.best_rsum:
-                    state.best_rsum = metrics["rsum"]
-                    save_weights(model, run_dir / WEIGHTS)
-                if progress:
-                    print(f"epoch {epoch + 1}: loss {sum(sums.values()) / done:.4f}  dev rsum {metrics['rsum']:.1f}"
-                          f"  (best {state.best_rsum:.1f})  {row['seconds']:.0f}s", flush=True)
-            logger.log_epoch(row)
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            save_state(run_dir, model, optimizer, scheduler, state)
-        if not (run_dir / WEIGHTS).exists():
+                if world.is_main:  # the others wait at the barrier
+                    metrics = score_embeddings(encode_split(model, dev_split, cfg.data.dev_max_images))
+                    row.update({f"dev_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+                    if metrics["rsum"] > state.best_rsum:
+                        state.best_rsum = metrics["rsum"]
+                        require_finite(model)
+                        save_weights(model, run_dir / WEIGHTS)
+                    if progress:
+                        print(f"epoch {epoch + 1}: loss {sum(sums.values()) / done:.4f}  dev rsum "
+                              f"{metrics['rsum']:.1f}  (best {state.best_rsum:.1f})  {row['seconds']:.0f}s", flush=True)
+                D.barrier()
+            if logger is not None:
+                logger.log_epoch(row)
+            state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+            _checkpoint(run_dir, model, optimizer, scheduler, state, world)
+        if world.is_main and not (run_dir / WEIGHTS).exists():
+            require_finite(model)
             save_weights(model, run_dir / WEIGHTS)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     return run_dir

