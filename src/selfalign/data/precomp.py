@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from selfalign.atomic import save_npy, write_json, write_text
+from selfalign.data.captions import read_lines
 from selfalign.errors import InputError
 
 CAPTIONS_PER_IMAGE = 5
@@ -123,22 +124,10 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
         raise InputError(f"{path}: not a readable .npy file, perhaps truncated ({exc})") from exc
 
 
-def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc})") from exc
-    # split on '\n' only: str.splitlines would also break at Unicode separators inside a caption
-    lines = [line.rstrip("\r") for line in text.split("\n")]
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
 def _read_captions(path: Path, n_images: int, ims_path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"missing caption file: {path}")
-    lines = _read_lines(path)
+    lines = read_lines(path)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise InputError(f"{path}, line {number}: empty caption")
@@ -154,7 +143,7 @@ def _read_captions(path: Path, n_images: int, ims_path: Path) -> list[str]:
 def _read_ids(path: Path, n_images: int) -> list[str]:
     if not path.exists():
         return [str(i) for i in range(n_images)]
-    ids = [line.strip() for line in _read_lines(path)]
+    ids = [line.strip() for line in read_lines(path)]
     if len(ids) == CAPTIONS_PER_IMAGE * n_images and n_images:
         ids = ids[::CAPTIONS_PER_IMAGE]  # some SCAN releases list the image id once per caption
     if len(ids) != n_images:
