@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--nprobe", type=ints, default=[8, 16, 32])
     ap.add_argument("--k-factor", type=ints, default=[10, 30])
-    ap.add_argument("--nlist-factor", type=float, default=1.0, help="nlist = factor * sqrt(N)")
+    ap.add_argument("--nlist-factor", type=float, default=4.0, help="nlist = factor * sqrt(N)")
     ap.add_argument("--refine", default="flat", choices=["flat", "fp16", "sq8", "none"])
     ap.add_argument("--train-max", type=int, default=100_000, help="image vectors sampled to train IVF-PQ")
     ap.add_argument("--train-text", type=int, default=0,

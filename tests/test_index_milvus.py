@@ -13,7 +13,8 @@ from selfalign.index import open_index, read_manifest
 
 MISSING = [m for m in ("pymilvus", "milvus_lite") if importlib.util.find_spec(m) is None]
 pytestmark = pytest.mark.skipif(
-    bool(MISSING), reason=f"optional Milvus backend not installed ({', '.join(MISSING)}): pip install 'selfalign[milvus]'"
+    bool(MISSING),
+    reason=f"optional Milvus backend not installed ({', '.join(MISSING)}): pip install 'selfalign[milvus]'",
 )
 
 DIM = 16

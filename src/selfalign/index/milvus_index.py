@@ -57,7 +57,8 @@ def _normalise_uri(uri: str) -> str:
     if "://" in uri:
         return uri
     if not uri.endswith(".db"):
-        raise ConfigError(f"milvus uri: {uri!r} is neither http(s)://host:port nor a local Milvus Lite file ending in .db")
+        raise ConfigError(f"milvus uri: {uri!r} is neither http(s)://host:port "
+                          "nor a local Milvus Lite file ending in .db")
     return str(Path(uri).expanduser().resolve())
 
 
@@ -79,7 +80,8 @@ class MilvusIndex(VectorIndex):
         if kind not in KINDS:
             raise ConfigError(f"milvus index kind: expected one of {', '.join(KINDS)}; got {kind!r}")
         if not collection or not collection.replace("_", "").isalnum() or collection[0].isdigit():
-            raise ConfigError(f"milvus collection: {collection!r} must be letters, digits, '_' (not starting with a digit)")
+            raise ConfigError(f"milvus collection: {collection!r} must be letters, digits and '_', "
+                              "not starting with a digit")
         pymilvus = _pymilvus()
         self._dim, self._kind, self.collection = int(dim), kind, collection
         self.uri = _normalise_uri(uri)
