@@ -11,7 +11,6 @@ Reports requests/s, p50/p90/p99 latency and errors, as markdown and JSON (``--js
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import random
@@ -25,6 +24,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+
+from selfalign.serve.cli import is_loopback
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["circle", "square", "star", "triangle", "ring", "cross", "hexagon", "diamond"]
@@ -41,15 +42,6 @@ def make_query(rng: random.Random) -> str:
     if roll < 0.5:
         return f"two {rng.choice(COLOURS)} {rng.choice(SHAPES)}s"
     return f"{first} {rng.choice(RELATIONS)} a {rng.choice(COLOURS)} {rng.choice(SHAPES)}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _free_port() -> int:
@@ -153,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, url = start_server(args.index, args.token, args.server_threads)
     else:
         url = args.url.rstrip("/")
-        if not _is_loopback(urlsplit(url).hostname or ""):
+        if not is_loopback(urlsplit(url).hostname or ""):
             parser.error("--url must be a loopback address (127.0.0.0/8, ::1 or localhost)")
     try:
         samples: list = []

@@ -17,7 +17,7 @@ from selfalign.index.gallery import Gallery
 from selfalign.index.gallery_build import build_gallery
 from selfalign.serve import serve_in_thread
 from selfalign.serve.app import MAX_K, MAX_QUERY_CHARS, create_app
-from selfalign.serve.cli import _is_loopback
+from selfalign.serve.cli import is_loopback
 from selfalign.serve.images import BadImage, decode_upload
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -201,5 +201,5 @@ def test_concurrent_queries_over_a_real_server(gallery):
 
 
 def test_loopback_detection():
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
-    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.4") and not _is_loopback("example.org")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")

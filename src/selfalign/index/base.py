@@ -134,27 +134,39 @@ def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> No
     write_json(Path(directory) / MANIFEST, body)
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``directory/index.json`` (backend, kind, dim, count)."""
-    path = Path(directory) / MANIFEST
+def read_json_manifest(directory: str | os.PathLike, name: str, fmt: str, version: int,
+                       fields: tuple[tuple[str, type], ...], what: str, folder: str) -> dict[str, Any]:
+    """Read ``directory/name`` and check its ``format``, ``version`` and typed ``fields``; errors name the file.
+
+    Shared by the vector index (``index.json``) and the gallery (``gallery.json``).
+    """
+    path = Path(directory) / name
     if not path.is_file():
-        if not Path(directory).exists():
-            raise InputError(f"{directory}: index directory does not exist")
-        raise InputError(f"{path}: missing index manifest (not a saved index, or the save did not finish)")
+        if not Path(directory).is_dir():
+            raise InputError(f"{directory}: {folder} does not exist")
+        raise InputError(f"{path}: missing {what} manifest (not a saved {what}, or the save did not finish)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable index manifest: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{path}: not a selfalign index manifest (field 'format' must be {FORMAT!r})")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise InputError(f"{path}: unsupported manifest version {manifest.get('version')!r}")
-    for key, typ in (("backend", str), ("kind", str), ("dim", int), ("count", int)):
+        raise InputError(f"{path}: unreadable {what} manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise InputError(f"{path}: not a selfalign {what} manifest (field 'format' must be {fmt!r})")
+    if manifest.get("version") != version:
+        raise InputError(f"{path}: unsupported {what} manifest version {manifest.get('version')!r}")
+    for key, typ in fields:
         value = manifest.get(key)
         if not isinstance(value, typ) or isinstance(value, bool):
             raise InputError(f"{path}: field '{key}' missing or not a {typ.__name__}")
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``directory/index.json`` (backend, kind, dim, count)."""
+    manifest = read_json_manifest(directory, MANIFEST, FORMAT, FORMAT_VERSION,
+                                  (("backend", str), ("kind", str), ("dim", int), ("count", int)), "index",
+                                  "index directory")
     if manifest["dim"] < 1 or manifest["count"] < 0:
-        raise InputError(f"{path}: field 'dim' must be >= 1 and 'count' >= 0")
+        raise InputError(f"{Path(directory) / MANIFEST}: field 'dim' must be >= 1 and 'count' >= 0")
     return manifest
 
 

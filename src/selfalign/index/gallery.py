@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from selfalign.errors import InputError
+from selfalign.index.base import read_json_manifest
 from selfalign.index.gallery_regions import RegionExtractor, RegionPlan
 
 FORMAT, FORMAT_VERSION = "selfalign-gallery", 1
@@ -50,24 +51,10 @@ def model_hash(run_dir: str | os.PathLike) -> str:
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``INDEX_DIR/gallery.json``."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        if not Path(directory).is_dir():
-            raise InputError(f"{directory}: gallery folder does not exist")
-        raise InputError(f"{path}: missing (not a gallery, or its build did not finish)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable gallery manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{path}: not a selfalign gallery manifest (field 'format' must be {FORMAT!r})")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise InputError(f"{path}: unsupported gallery version {manifest.get('version')!r}")
-    for key, typ in (("run_dir", str), ("model_hash", str), ("backend", str), ("images", int), ("captions", int),
-                     ("query_regions", dict)):
-        if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool):
-            raise InputError(f"{path}: field '{key}' missing or not a {typ.__name__}")
-    return manifest
+    return read_json_manifest(directory, MANIFEST, FORMAT, FORMAT_VERSION,
+                              (("run_dir", str), ("model_hash", str), ("backend", str), ("images", int),
+                               ("captions", int), ("query_regions", dict)), "gallery",
+                              "gallery folder")
 
 
 def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:

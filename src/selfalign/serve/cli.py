@@ -11,7 +11,8 @@ from selfalign.errors import SelfAlignError
 TOKEN_ENV = "SELFALIGN_TOKEN"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
@@ -33,7 +34,7 @@ def _cmd_serve(args) -> None:
     if not 0 <= args.port <= 65535:
         raise SelfAlignError(f"--port must be 0..65535, got {args.port}")
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    if not _is_loopback(args.host) and not token:
+    if not is_loopback(args.host) and not token:
         print(f"warning: serving on {args.host} without a token: anyone who can reach it can search the gallery "
               f"and read its images (set --token or {TOKEN_ENV})", file=sys.stderr)
     if args.threads > 0:
