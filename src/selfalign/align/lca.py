@@ -179,8 +179,11 @@ class LCA(nn.Module):
             src = source_rows.reshape(-1)[b_idx * n_sources + s_idx]
         if b_idx.numel() == 0:
             return self.prototypes.weight.sum() * 0.0  # nothing to predict; keeps a graph so backward() works
-        logits = source_proj[src].float() / self.student_temperature
-        ce = -(codes[tgt] * F.log_softmax(logits, dim=-1)).sum(dim=-1)  # [n]
+        # Rows are numbered in the same row-major order nonzero() walks, so when every source takes part src is
+        # 0..N-1: skip the gather, whose backward (an accumulating scatter of [N, K]) costs more than the loss.
+        picked = source_proj if src.numel() == source_proj.shape[0] else source_proj[src]
+        logits = picked.float() / self.student_temperature
+        ce = F.cross_entropy(logits, codes[tgt], reduction="none")  # [n]: soft targets, -sum q log softmax
         w = source_weight[b_idx, s_idx].float()
         num = ce.new_zeros(batch).index_add(0, b_idx, ce * w)
         den = ce.new_zeros(batch).index_add(0, b_idx, w)
