@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import struct
 import zlib
@@ -51,6 +52,10 @@ def test_health_page_and_docs_need_no_token(client):
     assert "script-src 'self'" in page.headers["content-security-policy"]
     for path in ("/static/app.js", "/static/style.css", "/openapi.json", "/docs"):
         assert client.get(path).status_code == 200, path
+    docs = client.get("/docs").text
+    assert "cdn" not in docs.lower()  # Swagger UI must load offline: its files come from this server
+    for asset in re.findall(r'(?:src|href)="(/[^"]+)"', docs):
+        assert client.get(asset).status_code == 200, asset
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/search", "/api/search/image", "/api/explain", "/api/images/{image_id}",
             "/api/thumbnails/{image_id}", "/health"} <= set(paths)

@@ -160,3 +160,16 @@ def test_phone_layout_and_missing_token(browser, base_url):
     _wait(anonymous, "document.getElementById('status').classList.contains('error')")
     assert "token" in anonymous.text_content("#status")
     assert anonymous.locator("#token-box").get_attribute("open") is not None
+
+
+def test_api_docs_render_offline(browser, base_url):
+    """Swagger UI at /docs comes from this server (no network here): the operations must render."""
+    page = browser.new_context().new_page()
+    failed: list[str] = []
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.goto(f"{base_url}/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=15000)
+    paths = set(page.locator(".opblock-summary-path").all_text_contents())
+    assert {"/api/search", "/api/explain", "/health"} <= {p.replace("\u200b", "") for p in paths}
+    page.screenshot(path=str(ARTIFACTS / "serve_docs.png"), full_page=False)
+    assert not failed, failed

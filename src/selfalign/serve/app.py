@@ -8,6 +8,7 @@ Errors reach clients as ``{"error": message}``: 4xx for bad input, and a generic
 from __future__ import annotations
 
 import hmac
+import importlib.resources
 import json
 import mimetypes
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +29,7 @@ from selfalign.serve.images import MAX_UPLOAD_BYTES, BadImage, ThumbnailCache, d
 STATIC = Path(__file__).parent / "static"
 MAX_QUERY_CHARS = 300
 MAX_K = 100
+DOCS_ASSETS = "/docs-assets"  # Swagger UI 5 (reads OpenAPI 3.1), served from the fastapi-offline package's files
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/static/")  # no token needed (no gallery data in them)
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
@@ -93,7 +96,10 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(gallery: Gallery, token: str | None = None, max_upload: int = MAX_UPLOAD_BYTES) -> FastAPI:
     """The app for ``gallery``; with ``token``, every route but ``/health``, the page and the docs needs it."""
-    app = FastAPI(title="selfalign search", version="1", summary="Text and image search over a selfalign gallery")
+    # docs_url=None: FastAPI's own /docs loads Swagger UI from a CDN, a blank page offline; ours serves the copy
+    # that ships in the fastapi-offline package (swagger-ui-bundle's 4.x cannot read FastAPI's OpenAPI 3.1).
+    app = FastAPI(title="selfalign search", version="1", summary="Text and image search over a selfalign gallery",
+                  docs_url=None, redoc_url=None)
     thumbs = ThumbnailCache()
 
     @app.exception_handler(SelfAlignError)
@@ -196,7 +202,16 @@ def create_app(gallery: Gallery, token: str | None = None, max_upload: int = MAX
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="selfalign search: API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    swagger_files = importlib.resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_files)), name="docs-assets")
     # inside Starlette's error middleware, so a BodyTooLarge raised mid-upload reaches the handler above
     app.add_middleware(Guard, token=token or None, max_body=max_upload + 64 * 1024)  # room for the form fields
     return app
