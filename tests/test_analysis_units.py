@@ -150,3 +150,24 @@ def test_crop_uses_normalised_boxes():
     image.paste((255, 0, 0), (50, 0, 100, 25))
     piece = crop(image, np.array([0.5, 0.0, 1.0, 0.5]), size=8)
     assert piece.size == (8, 8) and piece.getpixel((4, 4)) == (255, 0, 0)
+
+
+def test_target_entropy_is_uniform_for_unrelated_prototypes_and_low_for_matching_ones():
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from selfalign.analysis.codebook import target_entropy
+
+    torch.manual_seed(0)
+    protos = F.normalize(torch.randn(64, 32), dim=1)
+    # regions far from every prototype's direction: a common offset dominates, so the codes are nearly flat
+    flat = F.normalize(torch.randn(512, 32) * 0.01 + F.normalize(torch.randn(32), dim=0), dim=1)
+    sharp = F.normalize(protos[torch.arange(512) % 64] + 0.05 * torch.randn(512, 32), dim=1)
+    uniform = target_entropy(flat, protos, 0.05, 3)
+    peaked = target_entropy(sharp, protos, 0.05, 3)
+    assert uniform["uniform"] == round(math.log(64), 4)
+    assert uniform["mean_entropy"] > 0.95 * math.log(64)
+    assert peaked["mean_entropy"] < 0.5 * math.log(64)
+    assert peaked["mean_best_cosine"] > 0.9

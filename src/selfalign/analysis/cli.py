@@ -97,11 +97,18 @@ def _cmd_codebook(args) -> None:
     for row in rows:
         print(f"  {row[0]:<8} assigned {row[1]:>7}  used {row[2]:>5}/{k}  dead {row[3]:>5}  perplexity {row[4]:.1f}")
     print(f"  codes used by both words and regions: {summary['codes_used_by_both']}")
+    t = summary["region_targets"]
+    print(f"  region targets (Sinkhorn codes): entropy {t['mean_entropy']:.3f} nats (uniform: ln K = {t['uniform']:.3f});"
+          f" best prototype cosine {t['mean_best_cosine']:.3f}")
     concepts = [[c["concept"], c["n_words"], c["n_regions"], ", ".join(f"{w} ×{n}" for w, n in c["words"])]
                 for c in summary["top_concepts"]]
     body = (f"<p>{rs.label}, {args.split} split, K = {k}. Perplexity = exp(entropy of the usage distribution), at "
             f"most K; dead = codes no word (or region) of this split is assigned to. Codes used by both modalities: "
-            f"{summary['codes_used_by_both']}. JSON: <code>{json_path}</code></p>"
+            f"{summary['codes_used_by_both']}. LCA's targets for this split's regions (Sinkhorn codes over blocks of "
+            f"1,024 regions): mean entropy {summary['region_targets']['mean_entropy']:.3f} nats against "
+            f"ln K = {summary['region_targets']['uniform']:.3f} for uniform codes (near ln K: the words have "
+            f"nothing to learn); mean best prototype cosine {summary['region_targets']['mean_best_cosine']:.3f}. "
+            f"JSON: <code>{json_path}</code></p>"
             + table_html(["modality", "assigned", "codes used", "dead codes", "perplexity"], rows)
             + table_html(["concept", "words", "regions", "commonest words"], concepts))
     _section(args, f"codebook-{rs.run_dir.name}-{args.split}", f"Concept codebook: {rs.label}", body,

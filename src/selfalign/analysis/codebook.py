@@ -4,6 +4,10 @@ Every valid word and region of a split is assigned its concept ``argmax_k C_k . 
 context-free locals. Usage is summarised per modality by the perplexity ``exp(H(p))`` of the usage distribution
 ``p`` (K for perfectly even use, 1 for a collapsed codebook) and the number of dead codes (used by nothing in this
 split). Region 0 of every image (the whole image) is a valid region and is assigned like the others.
+
+``target_entropy`` tells whether LCA has anything to teach: the mean entropy of the Sinkhorn codes the regions get
+as training targets. At ``ln K`` (uniform codes) every word is asked to predict the same flat distribution, the
+LCA loss sits at ``ln K`` and the words learn nothing about their regions.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from selfalign.analysis.common import (
     RunSplit, caption_locals, crop, image_locals, load_rgb, new_figure, require_boxes, save_figure,
 )  # fmt: skip
+from selfalign.align.sinkhorn import sinkhorn
 from selfalign.errors import InputError
 
 
@@ -58,8 +63,10 @@ def assign_split(rs: RunSplit) -> dict:
 
     word_codes, word_scores = codes_and_scores(word_feats)
     region_codes, region_scores = codes_and_scores(regions)
+    targets = target_entropy(regions.float(), protos, lca.epsilon, lca.iterations)
     return {"size": int(protos.shape[0]), "word_codes": word_codes, "word_scores": word_scores, "words": flat_words,
-            "region_codes": region_codes, "region_scores": region_scores, "region_refs": region_refs}
+            "region_codes": region_codes, "region_scores": region_scores, "region_refs": region_refs,
+            "targets": targets}
 
 
 def top_concepts(assigned: dict, top: int = 8, n_words: int = 6, n_crops: int = 6) -> list[dict]:
@@ -139,6 +146,22 @@ def concepts_figure(rs: RunSplit, concepts: list[dict], n_crops: int, out_path: 
     return save_figure(fig, out_path)
 
 
+def target_entropy(regions: torch.Tensor, protos: torch.Tensor, epsilon: float, iterations: int,
+                   batch_rows: int = 1024) -> dict:
+    """Sharpness of LCA's training targets for unit-norm ``regions [N, d]`` and prototypes ``protos [K, d]``.
+
+    Sinkhorn codes are computed over consecutive blocks of ``batch_rows`` regions, as a training batch would; returns
+    the mean code entropy (nats), ``uniform = ln K`` beside it, and the mean best prototype cosine of a region.
+    """
+    entropies = []
+    for block in regions.split(batch_rows):
+        codes = sinkhorn(block @ protos.t(), epsilon, iterations)
+        entropies.append(-(codes * codes.clamp_min(1e-12).log()).sum(1))
+    best = (regions @ protos.t()).max(dim=1).values
+    return {"mean_entropy": round(float(torch.cat(entropies).mean()), 4), "uniform": round(math.log(protos.shape[0]), 4),
+            "mean_best_cosine": round(float(best.mean()), 4)}
+
+
 def analyse_codebook(rs: RunSplit, out_dir: Path, top: int = 8, n_words: int = 6, n_crops: int = 6) -> dict:
     """Assign, summarise and draw; returns the summary (also the JSON the CLI writes) with the figure paths."""
     from selfalign.analysis.common import safe_name
@@ -157,5 +180,6 @@ def analyse_codebook(rs: RunSplit, out_dir: Path, top: int = 8, n_words: int = 6
                              f"split (dead = used by nothing in this split)", out_dir / f"{stem}_usage.png")
     concepts_png = concepts_figure(rs, concepts, n_crops, out_dir / f"{stem}_concepts.png")
     return {"run_dir": str(rs.run_dir), "label": rs.label, "split": rs.split_name, "codebook_size": size,
-            "words": word_usage, "regions": region_usage, "codes_used_by_both": shared, "top_concepts": concepts,
+            "words": word_usage, "regions": region_usage, "codes_used_by_both": shared,
+            "region_targets": assigned["targets"], "top_concepts": concepts,
             "figures": [str(usage_png), str(concepts_png)]}
