@@ -79,7 +79,8 @@ def main() -> None:
     result = {name: {"median_s": statistics.median(ts), "mean_s": statistics.fmean(ts)} for name, ts in times.items()}
     result["ratio_median"] = result["selfalign"]["median_s"] / result["base"]["median_s"]
     result.update(batch_size=args.batch_size, steps=args.steps, threads=torch.get_num_threads(),
-                  embed_dim=sa_cfg.model.embed_dim, codebook_size=sa_cfg.align.codebook_size)
+                  embed_dim=sa_cfg.model.embed_dim, codebook_size=sa_cfg.align.codebook_size,
+                  lca_direction=sa_cfg.align.lca_direction, overrides=args.overrides)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

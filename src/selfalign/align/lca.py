@@ -48,7 +48,7 @@ class LCA(nn.Module):
         epsilon: float = 0.05,
         iterations: int = 3,
         student_temperature: float = 0.1,
-        direction: Literal["text_to_image", "symmetric"] = "symmetric",
+        direction: Literal["text_to_image", "symmetric"] = "text_to_image",
         distributed: bool = False,
     ) -> None:
         super().__init__()
