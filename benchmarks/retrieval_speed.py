@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index_scale import SyntheticModalities, measure, recall_at_k, saved_bytes  # noqa: E402
+from index_scale import table as index_table  # noqa: E402
 
 from selfalign.atomic import write_json  # noqa: E402
 from selfalign.config import load_config  # noqa: E402
@@ -293,13 +294,7 @@ def tables(res: dict) -> str:
                   f"{r['speedup_search_only']:.0f}x / {r['speedup_search_only_cpu']:.0f}x |" for r in res["query"]]
         lines.append("")
     if res.get("index"):
-        lines += ["| N | kind | setting | build | bytes/item | p50 (CPU) | p99 (CPU) | recall@10 |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in res["index"]:
-            setting = ", ".join(f"{k}={r[k]}" for k in ("ef_search", "nprobe", "k_factor") if k in r) or "exact"
-            lines.append(f"| {r['n']:,} | {r['kind']} | {setting} | {r['build_s']:.1f} s | {r['bytes_per_item']:.0f} | "
-                         f"{r['p50_ms']:.2f} ms ({r['cpu_p50_ms']:.2f}) | {r['p99_ms']:.2f} ms ({r['cpu_p99_ms']:.2f}) "
-                         f"| {r['recall@10']:.3f} |")
+        lines.append(index_table(res["index"], k=10))
     return "\n".join(lines)
 
 

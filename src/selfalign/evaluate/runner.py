@@ -45,32 +45,30 @@ def _pad_cat(parts: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torc
     return out, torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
 
 
-@torch.inference_mode()
-def _encode_images(model: RetrievalModel, store: RegionStore, batch_size: int, with_locals: bool):
+def _collect(model: RetrievalModel, encoded, with_locals: bool):
+    """Concatenate the embeddings (and, for SCAN scoring, the padded locals) of a stream of Encoded batches."""
     out, locs, masks = [], [], []
-    for start in range(0, len(store), batch_size):
-        regions, mask = store.get(np.arange(start, min(start + batch_size, len(store))), model.device)
-        enc = model.encode_image(regions, mask)
+    for enc in encoded:
         out.append(enc.embedding.float().cpu())
         if with_locals:
             loc, m = model.scoring_locals(enc)
             locs.append(loc.float().cpu())
             masks.append(m.cpu())
     return torch.cat(out), (_pad_cat(locs, masks) if with_locals else None)
+
+
+@torch.inference_mode()
+def _encode_images(model: RetrievalModel, store: RegionStore, batch_size: int, with_locals: bool):
+    batches = (store.get(np.arange(start, min(start + batch_size, len(store))), model.device)
+               for start in range(0, len(store), batch_size))
+    return _collect(model, (model.encode_image(regions, mask) for regions, mask in batches), with_locals)
 
 
 @torch.inference_mode()
 def _encode_captions(model: RetrievalModel, captions: list[str], batch_size: int, with_locals: bool):
-    out, locs, masks = [], [], []
-    for start in range(0, len(captions), batch_size):
-        tokens = model.tokenize(captions[start:start + batch_size]).to(model.device)
-        enc = model.encode_text(tokens)
-        out.append(enc.embedding.float().cpu())
-        if with_locals:
-            loc, m = model.scoring_locals(enc)
-            locs.append(loc.float().cpu())
-            masks.append(m.cpu())
-    return torch.cat(out), (_pad_cat(locs, masks) if with_locals else None)
+    tokens = (model.tokenize(captions[start:start + batch_size]).to(model.device)
+              for start in range(0, len(captions), batch_size))
+    return _collect(model, (model.encode_text(t) for t in tokens), with_locals)
 
 
 def encode_images(model: RetrievalModel, store: RegionStore, batch_size: int = 256) -> torch.Tensor:
