@@ -41,6 +41,37 @@ def test_training_is_deterministic(feature_store, tmp_path):
     assert losses[0] == losses[2] and losses[1] == losses[3]
 
 
+def test_data_initialised_codebook_starts_from_region_locals(feature_store, tmp_path):
+    import torch.nn.functional as F
+
+    from selfalign.data.batches import RegionStore
+    from selfalign.data.precomp import load_feature_split
+    from selfalign.model.checkpoint import build_model
+    from selfalign.train.trainer import init_codebook_from_regions
+
+    cfg = load_config(None, tiny_overrides(feature_store, tmp_path) + ["align.codebook_init=data"])
+    split = load_feature_split(feature_store, "train")
+    store = RegionStore(split.images, split.region_mask())
+    model = build_model(cfg, None if cfg.model.text_encoder != "bigru" else _vocab(split))
+    init_codebook_from_regions(model, store, seed=0, device=torch.device("cpu"))
+    regions, mask = store.get(list(range(len(split.image_ids))))
+    with torch.no_grad():
+        free = model.encode_image(regions, mask).free[mask]
+    codebook = model.align.lca.codebook.detach()
+    best = (codebook @ F.normalize(free, dim=1).t()).max(dim=1).values
+    assert float(best.min()) > 0.99  # each prototype is (a hair from) one training region's context-free local
+    run = train(cfg, progress=False)  # and a run with it trains and logs LCA
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert float(rows[0]["loss_lca"]) > 0
+    assert json.loads((run / "config.json").read_text())["align"]["codebook_init"] == "data"
+
+
+def _vocab(split):
+    from selfalign.data.text import Vocabulary
+
+    return Vocabulary.build(list(split.captions))
+
+
 def test_refuses_to_overwrite_a_run(feature_store, tmp_path):
     cfg = load_config(None, tiny_overrides(feature_store, tmp_path) + ["train.epochs=1"])
     train(cfg, progress=False)

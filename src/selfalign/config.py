@@ -81,6 +81,9 @@ class AlignConfig:
     lca_direction: Literal["text_to_image", "symmetric"] = "text_to_image"
     lca_words: Literal["all", "noun", "adj", "verb"] = "all"
     freeze_codebook_epochs: int = 0
+    # random: PyTorch's default init, as the official code. data: the prototypes start as a sample of the training
+    # regions' context-free locals, so the first Sinkhorn codes are sharp (random prototypes give near-uniform ones).
+    codebook_init: Literal["random", "data"] = "random"
     cra_temperature: float = 0.7
     cra_negatives: int = 512
     lca_weight: float = 1.0

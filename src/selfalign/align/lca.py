@@ -89,6 +89,26 @@ class LCA(nn.Module):
             self.prototypes.weight.grad = None
 
     @torch.no_grad()
+    def initialize_codebook(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Set the prototypes to ``K`` rows of ``features [N, d]`` drawn at random (``codebook_init=data``).
+
+        Without replacement when ``N >= K``; otherwise every feature is used and the rest are drawn again with a
+        small perturbation (std 0.01 per coordinate), so no two prototypes coincide. Rows are L2-normalised.
+        """
+        if features.dim() != 2 or features.shape[1] != self.dim or features.shape[0] == 0:
+            raise InputError(f"features: expected shape [N > 0, {self.dim}], got {tuple(features.shape)}")
+        features = features.detach().float().cpu()
+        size = self.prototypes.weight.shape[0]
+        order = torch.randperm(features.shape[0], generator=generator)
+        picked = features[order[:size]]
+        if picked.shape[0] < size:
+            extra = features[torch.randint(features.shape[0], (size - picked.shape[0],), generator=generator)]
+            noise = torch.randn(extra.shape, generator=generator) * 0.01
+            picked = torch.cat([picked, F.normalize(extra, dim=1) + noise])
+        w = self.prototypes.weight
+        w.copy_(F.normalize(picked, dim=1).to(w.device, w.dtype))
+
+    @torch.no_grad()
     def normalize_codebook(self) -> None:
         """L2-normalise the prototype rows in place (SwAV does this before every forward)."""
         w = self.prototypes.weight

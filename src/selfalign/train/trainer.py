@@ -87,6 +87,29 @@ def prepare_model(model, world: D.World) -> None:
     D.broadcast_module(model)
 
 
+@torch.no_grad()
+def init_codebook_from_regions(model, store: RegionStore, seed: int, device: torch.device,
+                               per_prototype: int = 8, chunk: int = 256) -> None:
+    """``align.codebook_init=data``: LCA's prototypes become a random sample of the context-free region locals
+    (the space the Sinkhorn codes are computed in) of randomly chosen training images, about ``per_prototype``
+    candidate regions per prototype, so the sample spans many images. Deterministic given ``seed``."""
+    lca = model.align.lca
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    order = torch.randperm(len(store.mask), generator=generator).numpy()
+    wanted, found, feats = per_prototype * lca.codebook.shape[0], 0, []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), chunk):
+        regions, mask = store.get(order[start : start + chunk], device)
+        free = model.encode_image(regions, mask).free[mask]
+        feats.append(free.float().cpu())
+        found += len(free)
+        if found >= wanted:
+            break
+    model.train(was_training)
+    lca.initialize_codebook(torch.cat(feats), generator)
+
+
 def _rows(tokens: TokenBatch, idx: np.ndarray) -> TokenBatch:
     """Select captions ``idx`` from a pre-tokenised split and trim the padding to the longest one."""
     rows = torch.from_numpy(idx)
@@ -202,10 +225,12 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_aft
     if cfg.model.text_encoder == "bigru":
         vocab = Vocabulary.load(run_dir / "vocab.json") if resume else Vocabulary.build(list(train_split.captions))
     model = build_model(cfg, vocab).to(device)
-    prepare_model(model, world)
+    store = RegionStore(train_split.images, train_split.region_mask(), pin_memory=device.type == "cuda")
+    if not resume and cfg.align.codebook_init == "data" and model.align is not None and model.align.lca is not None:
+        init_codebook_from_regions(model, store, cfg.train.seed, device)
+    prepare_model(model, world)  # after the codebook init: every rank starts from rank 0's codebook
     if not resume and world.is_main:
         save_run_files(run_dir, cfg, vocab)
-    store = RegionStore(train_split.images, train_split.region_mask(), pin_memory=device.type == "cuda")
     all_tokens = model.tokenize(list(train_split.captions))
     n_pairs = len(train_split.captions)
     word_weight = _lca_word_weight(model, cfg, all_tokens)
