@@ -1,0 +1,111 @@
+"""Issue 4's floor: a linear map from frozen whole-image features to frozen MiniLM sentence vectors.
+
+    python benchmarks/flickr8k_floor.py --features features/flickr8k/grid [--epochs 20] [--seeds 0,1,2]
+
+No regions, no SelfAlign, no fine-tuning: region 0 of each image (the mean of the EfficientNet-Lite0 feature map,
+1280-d) goes through one linear layer into the 384-d space of all-MiniLM-L6-v2's sentence vectors (masked mean of
+the token features, L2-normalised, as sentence-transformers pools them), trained with the VSE++ loss (sum of
+violations in the first epoch, then the hardest negative) and dropout 0.2 on both inputs. Each epoch is scored on
+the dev split; the test split is scored once, with the epoch that was best on dev. This is the number the full
+model has to beat: it shows what the frozen features give on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from selfalign import atomic
+from selfalign.data.precomp import load_feature_split
+from selfalign.evaluate.metrics import retrieval_metrics
+from selfalign.losses import hinge_triplet_loss
+from selfalign.model.text_encoder import MiniLMTextEncoder
+
+KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+@torch.no_grad()
+def sentence_vectors(encoder: MiniLMTextEncoder, captions: list[str], batch: int = 256) -> torch.Tensor:
+    """``[N, 384]`` unit sentence vectors: the masked mean of MiniLM's last hidden states (shortest first, fast)."""
+    order = np.argsort([len(c) for c in captions], kind="stable")
+    out = torch.zeros(len(captions), encoder.transformer.config.hidden_size)
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        tokens = encoder.tokenize([captions[i] for i in idx])
+        hidden = encoder.transformer(input_ids=tokens.ids, attention_mask=tokens.mask.long()).last_hidden_state
+        mask = tokens.mask.unsqueeze(-1).float()
+        out[torch.from_numpy(idx)] = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    return out
+
+
+def train_probe(images: dict, texts: dict, epochs: int, seed: int, lr: float, batch: int) -> dict:
+    """Fit the linear map; returns the dev curve and the test metrics at the best dev epoch."""
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(images["train"].shape[1], texts["train"].shape[1])
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    drop = torch.nn.Dropout(0.2)
+    n_pairs = len(texts["train"])
+    curve, best = [], None
+    for epoch in range(epochs):
+        probe.train()
+        order = torch.randperm(n_pairs)
+        for start in range(0, n_pairs - batch + 1, batch):
+            pairs = order[start : start + batch]
+            image_ids = pairs // 5
+            sims = F.normalize(probe(drop(images["train"][image_ids])), dim=-1) @ F.normalize(
+                drop(texts["train"][pairs]), dim=-1).T
+            loss = hinge_triplet_loss(sims, image_ids, 0.2, hardest=epoch > 0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        probe.eval()
+        with torch.no_grad():
+            dev = retrieval_metrics((F.normalize(probe(images["dev"]), dim=-1) @ texts["dev"].T).numpy())
+            curve.append(round(dev["rsum"], 2))
+            if best is None or dev["rsum"] > best[0]:
+                test = retrieval_metrics((F.normalize(probe(images["test"]), dim=-1) @ texts["test"].T).numpy())
+                best = (dev["rsum"], epoch + 1, test)
+    return {"seed": seed, "dev_rsum_per_epoch": curve, "best_epoch": best[1],
+            "test": {k: round(best[2][k], 2) for k in KEYS}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", type=Path, required=True, help="grid feature store (region 0 = whole image)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the results here (atomically)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    encoder = MiniLMTextEncoder(dim=8, trainable_layers=0).eval()
+    images, texts = {}, {}
+    for split in ("train", "dev", "test"):
+        store = load_feature_split(args.features, split)
+        images[split] = torch.from_numpy(np.asarray(store.images[:, 0], dtype=np.float32))
+        texts[split] = sentence_vectors(encoder, list(store.captions))
+    encode_s = time.perf_counter() - started
+    runs = [train_probe(images, texts, args.epochs, int(s), args.lr, args.batch_size) for s in args.seeds.split(",")]
+    summary = {k: {"mean": round(statistics.fmean(r["test"][k] for r in runs), 2),
+                   "std": round(statistics.stdev(r["test"][k] for r in runs), 2) if len(runs) > 1 else 0.0}
+               for k in KEYS}
+    result = {"features": str(args.features), "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+              "threads": args.threads, "encode_seconds": round(encode_s, 1),
+              "seconds": round(time.perf_counter() - started, 1), "runs": runs, "test_mean_std": summary}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        atomic.write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
