@@ -46,6 +46,9 @@ class ModelConfig:
     image_dim: int = 1280  # input region feature width (EfficientNet-Lite0: 1280; BUTD: 2048)
     image_context_layers: int = 1  # self-attention layers over regions (contextual image locals)
     image_context_heads: int = 4
+    # A linear path from the mean of the input regions straight into the pooled image embedding, beside the
+    # region encoder: with frozen features and little data the mean feature carries most of the signal.
+    image_mean_skip: bool = False
     text_encoder: Literal["bigru", "minilm"] = "bigru"
     word_dim: int = 300
     glove: bool = False  # initialise word embeddings from GloVe 6B 50d (projected), bigru only

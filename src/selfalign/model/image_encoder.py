@@ -14,12 +14,14 @@ class ImageEncoder(nn.Module):
 
     The free locals (after the first FC, L2-normalised) see no other region: LCA aligns them with words.
     The contextual locals pass a residual MLP and self-attention over the image's regions: CRA uses them.
+    ``mean_skip`` adds a linear map of the mean input region to the pooled vector before it is normalised.
     """
 
     def __init__(self, in_dim: int, dim: int, context_layers: int = 1, heads: int = 4, dropout: float = 0.1,
-                 pooling: str = "gpo"):
+                 pooling: str = "gpo", mean_skip: bool = False):
         super().__init__()
         self.fc = nn.Linear(in_dim, dim)
+        self.mean_skip = nn.Linear(in_dim, dim) if mean_skip else None
         self.mlp = nn.Sequential(nn.Linear(dim, dim // 2), nn.BatchNorm1d(dim // 2), nn.ReLU(), nn.Linear(dim // 2, dim))
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True,
                                            norm_first=True)
@@ -39,5 +41,9 @@ class ImageEncoder(nn.Module):
         for layer in self.context:
             h = layer(h, src_key_padding_mask=~mask)
         h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
-        pooled = F.normalize(self.pool(h, mask), dim=-1)
-        return pooled, free, h
+        pooled = self.pool(h, mask)
+        if self.mean_skip is not None:
+            valid = regions.to(pooled.dtype).masked_fill(~mask.unsqueeze(-1), 0.0)  # padding may hold anything
+            mean = valid.sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(pooled.dtype)
+            pooled = pooled + self.mean_skip(mean)
+        return F.normalize(pooled, dim=-1), free, h

@@ -51,7 +51,8 @@ class RetrievalModel(nn.Module):
         self.align_cfg = align_cfg
         d = model_cfg.embed_dim
         self.image_encoder = ImageEncoder(model_cfg.image_dim, d, model_cfg.image_context_layers,
-                                          model_cfg.image_context_heads, model_cfg.dropout, model_cfg.pooling)
+                                          model_cfg.image_context_heads, model_cfg.dropout, model_cfg.pooling,
+                                          model_cfg.image_mean_skip)
         if model_cfg.text_encoder == "minilm":
             self.text_encoder: nn.Module = MiniLMTextEncoder(d, model_cfg.max_words, model_cfg.pooling,
                                                                 model_cfg.minilm_trainable_layers)
