@@ -26,6 +26,7 @@ from selfalign import atomic
 from selfalign.data.precomp import load_feature_split
 from selfalign.evaluate.metrics import retrieval_metrics
 from selfalign.losses import hinge_triplet_loss
+from selfalign.model.gpo import masked_mean
 from selfalign.model.text_encoder import MiniLMTextEncoder
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -40,8 +41,7 @@ def sentence_vectors(encoder: MiniLMTextEncoder, captions: list[str], batch: int
         idx = order[start : start + batch]
         tokens = encoder.tokenize([captions[i] for i in idx])
         hidden = encoder.transformer(input_ids=tokens.ids, attention_mask=tokens.mask.long()).last_hidden_state
-        mask = tokens.mask.unsqueeze(-1).float()
-        out[torch.from_numpy(idx)] = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        out[torch.from_numpy(idx)] = F.normalize(masked_mean(hidden, tokens.mask), dim=-1)
     return out
 
 

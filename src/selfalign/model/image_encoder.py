@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfalign.model.gpo import make_pooling
+from selfalign.model.gpo import make_pooling, masked_mean
 
 
 class ImageEncoder(nn.Module):
@@ -43,7 +43,5 @@ class ImageEncoder(nn.Module):
         h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
         pooled = self.pool(h, mask)
         if self.mean_skip is not None:
-            valid = regions.to(pooled.dtype).masked_fill(~mask.unsqueeze(-1), 0.0)  # padding may hold anything
-            mean = valid.sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(pooled.dtype)
-            pooled = pooled + self.mean_skip(mean)
+            pooled = pooled + self.mean_skip(masked_mean(regions.to(pooled.dtype), mask))
         return F.normalize(pooled, dim=-1), free, h
