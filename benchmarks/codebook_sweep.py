@@ -1,12 +1,14 @@
 """Codebook-size sweep: SelfAlign with K concepts, K in {64, 256, 1024, 4096}, several seeds.
 
     python benchmarks/codebook_sweep.py --features features/scenes --seeds 0,1,2 --epochs 12 --out runs/codebook_sweep
+    python benchmarks/codebook_sweep.py --dataset flickr8k --features features/flickr8k/grid \
+        --config src/selfalign/configs/flickr8k.yaml --seeds 0 --out runs/codebook_sweep_flickr8k
     selfalign analyze sweep runs/codebook_sweep/results.json --out analysis
 
-Every (dataset, K, seed) trains ``selfalign.train.train`` with ``align.codebook_size=K`` and ``train.seed=s`` on top
-of the config (default: the package's scenes.yaml), then is evaluated on the test split. Each run's ``log.csv`` is
-kept in the results for loss curves. Finished runs are skipped and interrupted ones resume, so rerunning the same
-command continues a sweep. ``--flickr-features`` adds Flickr8k when its feature store exists.
+Every (K, seed) trains ``selfalign.train.train`` with ``align.codebook_size=K`` and ``train.seed=s`` on top of the
+config (default: the package's scenes.yaml; its epochs unless ``--epochs``), then is evaluated on the test split.
+Each run's ``log.csv`` is kept in the results for loss curves. Finished runs are skipped and interrupted ones resume,
+so rerunning the same command continues a sweep.
 """
 
 from __future__ import annotations
@@ -30,24 +32,18 @@ def _ints(text: str) -> list[int]:
 
 
 def build_jobs(args) -> list[Job]:
-    datasets = [("scenes", [f"data.features={args.features}"] + ([f"data.root={args.root}"] if args.root else []))]
-    if args.flickr_features:
-        if (Path(args.flickr_features) / "test_ims.npy").is_file():
-            datasets.append(("flickr8k", [f"data.features={args.flickr_features}", "data.dataset=flickr"]))
-        else:
-            print(f"note: {args.flickr_features} has no test_ims.npy; Flickr8k is left out", file=sys.stderr)
-    return [Job(name, k, seed, data + [f"align.codebook_size={k}"])
-            for name, data in datasets for k in args.ks for seed in args.seeds]
+    data = [f"data.features={args.features}"] + ([f"data.root={args.root}"] if args.root else [])
+    return [Job(args.dataset, k, seed, data + [f"align.codebook_size={k}"]) for k in args.ks for seed in args.seeds]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--features", required=True, help="scenes feature store")
-    p.add_argument("--root", help="scenes dataset folder (recorded in the runs for the analysis commands)")
-    p.add_argument("--flickr-features", help="Flickr8k feature store (optional; skipped when absent)")
+    p.add_argument("--features", required=True, help="feature store of the dataset")
+    p.add_argument("--root", help="dataset folder (recorded in the runs for the analysis commands)")
+    p.add_argument("--dataset", default="scenes", help="name shown in the results (run folders start with it)")
     p.add_argument("--ks", type=_ints, default=[64, 256, 1024, 4096], help="codebook sizes (comma-separated)")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
     p.add_argument("--out", required=True, help="sweep folder: runs/ and results.json")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base run config (YAML)")
     p.add_argument("--device", default="auto")
@@ -59,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/codebook_sweep.py"] + (sys.argv[1:] if argv is None else argv))
-    base = [f"train.epochs={args.epochs}", "align.lca=true", f"train.device={args.device}"] + list(args.set)
+    epochs = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
+    base = epochs + ["align.lca=true", f"train.device={args.device}"] + list(args.set)
     out = Path(args.out)
     path = run_sweep(build_jobs(args), out, "codebook_size", command, args.config, base, device=args.device,
                      progress=args.progress)

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="scenes", help="name shown in the results")
     p.add_argument("--kinds", default="noun,adj,verb,all", help=f"comma-separated, from {','.join(KINDS)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--device", default="auto")
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
     data = [f"data.features={args.features}"] + ([f"data.root={args.root}"] if args.root else [])
     jobs = [Job(args.dataset, kind, seed, data + [f"align.lca_words={kind}"])
             for kind in args.kinds for seed in args.seeds]
-    base = [f"train.epochs={args.epochs}", "align.lca=true", f"train.device={args.device}"] + list(args.set)
+    epochs = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
+    base = epochs + ["align.lca=true", f"train.device={args.device}"] + list(args.set)
     extra = {"trainer_applies_lca_words": applied, "token_coverage": token_coverage(args.features)}
     out = Path(args.out)
     path = run_sweep(jobs, out, "lca_words", command, args.config, base, device=args.device, progress=args.progress,

@@ -38,6 +38,18 @@ def test_weights_follow_the_tags(tagger):
     assert everything.shape == (2, 14) and everything.sum() == 15
 
 
+def test_wordpieces_take_their_words_tag(tagger):
+    # MiniLM's tokens: "skateboarding" is split in pieces, [CLS]/[SEP] are no word at all
+    pieces = [["[CLS]", "a", "boy", "skate", "##board", "##ing", "down", "a", "red", "ramp", "[SEP]"]]
+    nouns = pos_word_weights(pieces, "noun", tagger=tagger)[0].tolist()
+    verbs = pos_word_weights(pieces, "verb", tagger=tagger)[0].tolist()
+    adjs = pos_word_weights(pieces, "adj", tagger=tagger)[0].tolist()
+    assert nouns == [0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0]  # boy, ramp
+    assert verbs == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0]  # all three pieces of "skateboarding"
+    assert adjs == [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]  # red
+    assert ["a", "boy", "skateboarding", "down", "a", "red", "ramp"] in [k.split(" ") for k in tagger.cache]
+
+
 def test_tags_are_cached_per_caption(tagger):
     tagger.tag(WORDS)
     calls = []

