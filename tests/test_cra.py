@@ -82,6 +82,39 @@ def test_gradients_match_autograd_of_the_formula() -> None:
     assert float(k1.grad[~mask].abs().max()) == 0.0
 
 
+def topk_nce(query, keys, mask, temperature, num_negatives):
+    """The hard-negative NCE with torch.topk picking the negatives (autograd through the picked values)."""
+    batch = query.shape[0]
+    scores = torch.einsum("bd,cld->bcl", query, keys) / temperature
+    others = ~torch.eye(batch, dtype=torch.bool).unsqueeze(-1) & mask.unsqueeze(0)
+    neg = scores.masked_fill(~others, float("-inf")).reshape(batch, -1).topk(num_negatives, dim=1).values
+    pos = scores.diagonal(dim1=0, dim2=1).t()
+    return F.softplus(torch.logsumexp(neg, dim=1, keepdim=True) - pos)[mask].mean()
+
+
+@pytest.mark.parametrize("num_negatives", [1, 3, 9])
+def test_hard_negative_gradients_match_topk(num_negatives: int) -> None:
+    query, keys, mask = make(7, batch=7, length=6)
+    q1, k1 = query.double().requires_grad_(True), keys.double().requires_grad_(True)
+    cra_loss(q1, k1, mask, 0.7, num_negatives).backward()
+    q2, k2 = query.double().requires_grad_(True), keys.double().requires_grad_(True)
+    topk_nce(q2, k2, mask, 0.7, num_negatives).backward()
+    # the loss computes its scores in float32
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(k1.grad, k2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_tied_negatives_count_exactly_k() -> None:
+    # the same image twice in a batch (Flickr's five captions per image) makes exact ties among the negatives
+    query, keys, mask = make(8, batch=6, length=4)
+    keys[3], mask[3] = keys[1], mask[1]
+    query[3] = query[1]
+    for n in (1, 2, 5, 8):
+        got = cra_loss(query.double(), keys.double(), mask, 0.7, n)
+        torch.testing.assert_close(got.double(), topk_nce(query.double(), keys.double(), mask, 0.7, n))
+        assert abs(float(got) - reference_nce(query, keys, mask, 0.7, n)) < 1e-5
+
+
 def test_padding_never_changes_loss_or_gradients() -> None:
     query, keys, mask = make(6)
     q1, k1 = query.clone().requires_grad_(True), keys.clone().requires_grad_(True)

@@ -38,6 +38,22 @@ def test_matches_naive_loop(iters: int) -> None:
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("span", [40.0, 59.0])
+@pytest.mark.parametrize("path", ["float32", "float64"])
+def test_float32_and_float64_paths_match_naive_loop(span: float, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # LCA's real shape and range: unit-norm features against 1,024 prototypes, eps 0.05 (span <= 40), and close to
+    # the widest span the float32 path takes
+    mod = importlib.import_module("selfalign.align.sinkhorn")
+    if path == "float64":
+        monkeypatch.setattr(mod, "_FLOAT32_SPAN", -1.0)
+    scores = torch.rand(300, 1024, generator=torch.Generator().manual_seed(11)) * 2 - 1
+    scores = scores * (span * 0.05 / float(scores.max() - scores.min()))
+    got = mod.sinkhorn(scores, epsilon=0.05, iterations=3)
+    want = naive_sinkhorn(scores.numpy(), 0.05, 3)
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-7)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(300), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("iters", [1, 3])
 def test_log_domain_path_matches_naive_loop(iters: int, monkeypatch: pytest.MonkeyPatch) -> None:
     mod = importlib.import_module("selfalign.align.sinkhorn")  # the package re-exports the function by that name

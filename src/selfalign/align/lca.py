@@ -154,20 +154,23 @@ class LCA(nn.Module):
         txt_free = txt_free.masked_fill(~txt_mask.unsqueeze(-1), 0.0)
 
         self.normalize_codebook()
-        protos = self.prototypes.weight
+        # 1/tau folded into the [K, d] codebook instead of dividing every [N, K] logit: the projection C.x / tau
+        # is both the student logits and (rescaled through epsilon) the Sinkhorn scores.
+        student = self.prototypes.weight / self.student_temperature
+        eps = self.epsilon / self.student_temperature
         symmetric = self.direction == "symmetric"
-        # One projection C.x per valid local serves as both the Sinkhorn scores and the student logits.
         img_rows, img_valid = _valid_rows(img_free, img_mask)
         txt_rows, txt_valid = _valid_rows(txt_free, txt_mask)
         with torch.set_grad_enabled(symmetric and torch.is_grad_enabled()):
-            img_proj = img_valid @ protos.t().to(img_valid.dtype)  # [N_regions, K]
-        txt_proj = txt_valid @ protos.t().to(txt_valid.dtype)  # [N_words, K]
+            img_logits = img_valid @ student.t().to(img_valid.dtype)  # [N_regions, K]
+        txt_logits = txt_valid @ student.t().to(txt_valid.dtype)  # [N_words, K]
 
-        img_codes = sinkhorn(img_proj.detach(), self.epsilon, self.iterations, self.distributed)
-        loss = self._predict(img_free, img_rows, img_codes, img_mask, txt_free, txt_rows, txt_proj, weight)
+        img_codes = sinkhorn(img_logits.detach(), eps, self.iterations, self.distributed)
+        loss = self._predict(img_free, img_rows, img_codes, img_mask, txt_free, txt_rows, txt_logits, weight)
         if symmetric:
-            txt_codes = sinkhorn(txt_proj.detach(), self.epsilon, self.iterations, self.distributed)
-            mirror = self._predict(txt_free, txt_rows, txt_codes, weight > 0, img_free, img_rows, img_proj, img_mask.float())
+            txt_codes = sinkhorn(txt_logits.detach(), eps, self.iterations, self.distributed)
+            mirror = self._predict(txt_free, txt_rows, txt_codes, weight > 0, img_free, img_rows, img_logits,
+                                   img_mask.float())
             loss = 0.5 * (loss + mirror)
         return loss
 
@@ -179,14 +182,14 @@ class LCA(nn.Module):
         match_mask: torch.Tensor,
         source: torch.Tensor,
         source_rows: torch.Tensor,
-        source_proj: torch.Tensor,
+        source_logits: torch.Tensor,
         source_weight: torch.Tensor,
     ) -> torch.Tensor:
         """One direction: sources ``[B, S, d]`` predict the Sinkhorn code of their best target ``[B, M, d]``.
 
-        ``target_rows [B, M]`` / ``source_rows [B, S]``: row of each position in ``codes`` / ``source_proj``
-        (-1 at padding); ``match_mask [B, M]``: targets a source may be matched to (valid, and selected);
-        ``source_weight [B, S]``: > 0 for the sources that take part.
+        ``target_rows [B, M]`` / ``source_rows [B, S]``: row of each position in ``codes [N_t, K]`` /
+        ``source_logits [N_s, K]`` (-1 at padding); ``match_mask [B, M]``: targets a source may be matched to
+        (valid, and selected); ``source_weight [B, S]``: > 0 for the sources that take part.
         """
         batch, n_sources, _ = source.shape
         n_targets = target.shape[1]
@@ -200,10 +203,9 @@ class LCA(nn.Module):
         if b_idx.numel() == 0:
             return self.prototypes.weight.sum() * 0.0  # nothing to predict; keeps a graph so backward() works
         # Rows are numbered in the same row-major order nonzero() walks, so when every source takes part src is
-        # 0..N-1: skip the gather, whose backward (an accumulating scatter of [N, K]) costs more than the loss.
-        picked = source_proj if src.numel() == source_proj.shape[0] else source_proj[src]
-        logits = picked.float() / self.student_temperature
-        ce = F.cross_entropy(logits, codes[tgt], reduction="none")  # [n]: soft targets, -sum q log softmax
+        # 0..N-1: skip the gathers, whose backward (an accumulating scatter of [N, K]) costs more than the loss.
+        logits = source_logits if src.numel() == source_logits.shape[0] else source_logits[src]
+        ce = F.cross_entropy(logits.float(), codes[tgt], reduction="none")  # [n]: soft targets, -sum q log softmax
         w = source_weight[b_idx, s_idx].float()
         num = ce.new_zeros(batch).index_add(0, b_idx, ce * w)
         den = ce.new_zeros(batch).index_add(0, b_idx, w)

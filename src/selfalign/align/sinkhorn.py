@@ -12,8 +12,9 @@ about ``N / K`` of the mass (exactly after the first step of an iteration; appro
 Both steps only rescale rows or columns, so ``P = diag(v) E diag(u)`` with ``E = exp(Z / eps - max)``
 throughout: the loop updates the vectors ``u [K]`` and ``v [N]`` (two matrix-vector products per
 iteration) instead of rewriting the whole matrix, and the initial "total mass 1" constant is absorbed by
-the first per-prototype step. This is the same arithmetic as SwAV, in float64 so that exponents spanning
-up to ``_MAX_SPAN`` cannot underflow. Wider spans (scores far larger than eps) switch to the same iteration
+the first per-prototype step. This is the same arithmetic as SwAV: in float32 while the exponents span at
+most ``_FLOAT32_SPAN`` (unit-norm features with eps = 0.05 span at most 40), in float64 up to ``_MAX_SPAN``,
+so that nothing underflows or overflows; wider spans (scores far larger than eps) switch to the same iteration
 in the log domain, slower but immune to underflow. Everything runs under ``no_grad`` with autocast off.
 """
 
@@ -26,7 +27,9 @@ import torch.distributed as dist
 
 __all__ = ["sinkhorn"]
 
-# exp(-_MAX_SPAN) and its reciprocal products stay far inside float64's range (about e^-708 .. e^709).
+# exp(-span), the scalings u, v (at most about e^span * N) and their products stay inside float32's normal
+# range (e^-87 .. e^88) up to _FLOAT32_SPAN and inside float64's (e^-708 .. e^709) up to _MAX_SPAN.
+_FLOAT32_SPAN = 60.0
 _MAX_SPAN = 300.0
 
 
@@ -90,10 +93,12 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, d
             extremes = z.new_full((2,), -math.inf, dtype=torch.float64)
         extremes = _all_reduce(extremes, dist.ReduceOp.MAX, use_dist)
         n_total = _all_reduce(extremes.new_tensor(float(n_local)), dist.ReduceOp.SUM, use_dist)
-        log_e = z.double().sub_(extremes[0]).div_(epsilon)  # <= 0, max exactly 0
-        extremes = extremes / epsilon
-        if float(extremes[0] + extremes[1]) <= _MAX_SPAN:
-            q = _scaling(log_e, iterations, n_total, use_dist)
+        span = float(extremes[0] + extremes[1]) / epsilon
+        dtype = torch.float32 if span <= _FLOAT32_SPAN else torch.float64
+        # sub() makes a new tensor (the caller's scores stay untouched); the rest works in place on it
+        log_e = z.to(dtype).sub(extremes[0].to(dtype)).div_(epsilon)  # <= 0, max exactly 0
+        if span <= _MAX_SPAN:
+            q = _scaling(log_e, iterations, n_total.to(log_e.dtype), use_dist)
         else:
             q = _log_domain(log_e, iterations, n_total, use_dist)
         return q.float()
