@@ -61,11 +61,21 @@ def test_sweep_trains_evaluates_resumes_and_plots(feature_store, tmp_path, monke
     again = json.loads(sweep.main(argv).read_text())
     assert {r["run_dir"]: r["rsum"] for r in again["runs"]} == first and lost.is_file()
 
+    # a later invocation with another seed keeps the runs recorded before and only trains the new one
+    more = argv.copy()
+    more[more.index("--seeds") + 1] = "2"
+    more[more.index("--ks") + 1] = "8"
+    monkeypatch.setattr(selfalign.train, "train", real_train)
+    grown = json.loads(sweep.main(more).read_text())
+    assert sorted((r["variant"], r["seed"]) for r in grown["runs"]) == [(8, 0), (8, 1), (8, 2), (32, 0), (32, 1)]
+    assert {r["run_dir"]: r["rsum"] for r in grown["runs"] if r["seed"] < 2} == first
+    assert len(grown["commands"]) == 2 and "--seeds 2" in grown["commands"][-1]
+
     report = tmp_path / "analysis"
     assert main(["analyze", "sweep", str(path), "--out", str(report)]) == 0
     for name in ("sweep_sweep_rsum.png", "sweep_sweep_curves.png"):
         assert (report / "figures" / name).read_bytes()[:4] == b"\x89PNG"
-    assert (report / "sweep_sweep.md").read_text() == markdown_table(data)
+    assert (report / "sweep_sweep.md").read_text() == markdown_table(grown)
     html = (report / "report.html").read_text()
     assert "<!-- section:sweep-sweep -->" in html and "selfalign analyze sweep" in html
 
@@ -87,3 +97,13 @@ def test_sweep_table_of_named_variants_keeps_their_order():
     assert [r["variant"] for r in rows] == ["noun", "all"]
     assert rows[0]["rsum_mean"] == 305.0 and rows[0]["rsum_std"] == pytest.approx(7.0710678)
     assert "| scenes | noun | 305.0 ± 7.1 | 1.0 | 2.0 | 0,1 |" in markdown_table(data)
+
+
+def test_sweep_refuses_a_folder_of_another_sweep(tmp_path):
+    from selfalign.analysis.sweep import run_sweep
+    from selfalign.errors import InputError
+
+    (tmp_path / "results.json").write_text(json.dumps({"variant_name": "lca_words", "command": "x", "runs": [
+        {"dataset": "scenes", "variant": "noun", "seed": 0, "rsum": 300.0, "run_dir": "r/scenes-noun-s0"}]}))
+    with pytest.raises(InputError, match="a sweep of 'lca_words', not 'codebook_size'"):
+        run_sweep([], tmp_path, "codebook_size", "cmd", None, [])

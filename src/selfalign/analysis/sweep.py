@@ -2,8 +2,10 @@
 
 Used by ``benchmarks/codebook_sweep.py`` (variant = codebook size K) and ``benchmarks/pos_ablation.py`` (variant =
 the words LCA uses). Resumable: a run with ``result.json`` is skipped, an interrupted run resumes from its last
-checkpoint. ``RESULTS.json``: ``{"variant_name", "command", "runs": [{"dataset", "variant", "seed", "rsum",
-"metrics", "log", "run_dir", ...}]}`` where ``log`` holds the run's ``log.csv`` rows.
+checkpoint. ``RESULTS.json``: ``{"variant_name", "command", "commands", "runs": [{"dataset", "variant", "seed",
+"rsum", "metrics", "log", "run_dir", ...}]}`` where ``log`` holds the run's ``log.csv`` rows. A later invocation
+into the same folder (more seeds, more variants) keeps the runs recorded before and appends its command to
+``commands``, so a sweep grows without retraining what it has.
 """
 
 from __future__ import annotations
@@ -61,16 +63,33 @@ def run_job(job: Job, config: str | Path | None, base_overrides: list[str], runs
 def run_sweep(jobs: list[Job], out_dir: Path, variant_name: str, command: str, config: str | Path | None,
               base_overrides: list[str], device: str = "auto", progress: bool = False,
               extra: dict | None = None) -> Path:
-    """Run every job in order, rewriting ``out_dir/results.json`` after each; returns its path."""
+    """Run every job in order, rewriting ``out_dir/results.json`` after each; returns its path.
+
+    Runs recorded there by earlier invocations (of the same ``variant_name``) and not among ``jobs`` are kept.
+    """
     out_dir = Path(out_dir)
     path = out_dir / "results.json"
+    earlier, commands = _earlier_runs(path, variant_name, {job.name for job in jobs})
+    commands = [c for c in commands if c != command] + [command]
     results: list[dict] = []
     for number, job in enumerate(jobs, start=1):
         print(f"[{number}/{len(jobs)}] {job.name}", flush=True)
         results.append(run_job(job, config, base_overrides, out_dir / "runs", device, progress))
         print(f"    test rsum {results[-1]['rsum']:.1f}", flush=True)
-        atomic.write_json(path, {"variant_name": variant_name, "command": command, **(extra or {}), "runs": results})
+        atomic.write_json(path, {"variant_name": variant_name, "command": command, "commands": commands,
+                                 **(extra or {}), "runs": earlier + results})
     return path
+
+
+def _earlier_runs(path: Path, variant_name: str, names: set[str]) -> tuple[list[dict], list[str]]:
+    """Runs (not named in ``names``) and commands that an earlier invocation recorded in ``path``."""
+    if not path.is_file():
+        return [], []
+    data = load_results(path)
+    if data.get("variant_name") != variant_name:
+        raise InputError(f"{path}: a sweep of {data.get('variant_name')!r}, not {variant_name!r}; use another --out")
+    runs = [r for r in data["runs"] if Path(r.get("run_dir", "")).name not in names]
+    return runs, list(data.get("commands") or [data.get("command", "?")])
 
 
 def load_results(path: str | Path) -> dict:
