@@ -19,9 +19,9 @@ At retrieval, ``sa.image_embedding(base, context, mask)`` / ``sa.text_embedding(
 embeddings to index; the LCA codebook is training-only (``sa.lca.assign`` maps features to concept ids).
 """
 
-from selfalign.align.cra import ContextHead, ContextOutput, cra_loss, masked_mean
+from selfalign.align.cra import ContextHead, ContextOutput, cra_loss
 from selfalign.align.lca import LCA
 from selfalign.align.selfalign import SelfAlign
 from selfalign.align.sinkhorn import sinkhorn
 
-__all__ = ["LCA", "ContextHead", "ContextOutput", "SelfAlign", "cra_loss", "masked_mean", "sinkhorn"]
+__all__ = ["LCA", "ContextHead", "ContextOutput", "SelfAlign", "cra_loss", "sinkhorn"]

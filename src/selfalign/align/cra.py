@@ -21,14 +21,7 @@ from torch import nn
 from selfalign.align._checks import check_locals, check_same_batch
 from selfalign.errors import InputError
 
-__all__ = ["ContextHead", "ContextOutput", "cra_loss", "masked_mean"]
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over valid positions: ``x [B, L, d]``, ``mask [B, L]`` -> ``[B, d]`` (zeros where nothing is valid)."""
-    m = mask.to(x.dtype).unsqueeze(-1)
-    total = x.masked_fill(~mask.bool().unsqueeze(-1), 0.0).sum(dim=1)
-    return total / m.sum(dim=1).clamp_min(1.0)
+__all__ = ["ContextHead", "ContextOutput", "cra_loss"]
 
 
 class ContextOutput(NamedTuple):
@@ -58,16 +51,20 @@ class ContextHead(nn.Module):
         """``context [B, L, d]`` (un-normalised contextual locals), ``mask [B, L]`` -> ContextOutput."""
         check_locals("context", context, mask, self.dim)
         mask = mask.bool()
-        context = context.masked_fill(~mask.unsqueeze(-1), 0.0)
-        h_bar = masked_mean(context, mask)
+        batch = context.shape[0]
+        # Work on the valid positions only (gathered once): padding is never read, so garbage there (even NaN)
+        # cannot leak, and BN2's batch statistics (and running stats) ignore it.
+        pair_of, position = mask.nonzero(as_tuple=True)
+        valid = context[pair_of, position]  # [N_valid, d]
+        counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(valid.dtype)  # [B, 1]
+        h_bar = valid.new_zeros(batch, self.dim).index_add(0, pair_of, valid) / counts
         enhanced = F.relu(self.bn1(self.ctx_fc(h_bar)))
-        # BN2 sees valid positions only, so its batch statistics (and running stats) ignore padding.
-        valid = context[mask]  # [N_valid, d]
         local_valid = F.normalize(F.relu(self.bn2(valid)), dim=-1)
-        locals_ = context.new_zeros(context.shape).index_put((mask.nonzero(as_tuple=True)), local_valid.to(context.dtype))
+        locals_ = context.new_zeros(context.shape).index_put((pair_of, position), local_valid.to(context.dtype))
+        local_mean = local_valid.new_zeros(batch, self.dim).index_add(0, pair_of, local_valid) / counts
         lam = torch.sigmoid(self.fusion_out(F.relu(self.fusion_hidden(torch.cat([h_bar, enhanced], dim=-1)))))
         fused = F.normalize(lam * h_bar + (1.0 - lam) * enhanced, dim=-1)
-        return ContextOutput(h_bar, enhanced, locals_, fused, masked_mean(locals_, mask), mask)
+        return ContextOutput(h_bar, enhanced, locals_, fused, local_mean, mask)
 
 
 def cra_loss(
@@ -92,20 +89,21 @@ def cra_loss(
         raise InputError(f"cra temperature must be > 0, got {temperature}")
     if num_negatives < 0:
         raise InputError(f"cra num_negatives must be >= 0, got {num_negatives}")
-    batch, length, _ = keys.shape
+    batch = keys.shape[0]
     keys_mask = keys_mask.bool()
     if not bool(keys_mask.any()):
         return (query.sum() + keys.sum()) * 0.0
-    keys = keys.masked_fill(~keys_mask.unsqueeze(-1), 0.0)
+    # Only the valid locals enter (text is padded to the longest caption, often twice the mean length):
+    # pair_of[n] is the pair that valid local n belongs to.
+    pair_of, position = keys_mask.nonzero(as_tuple=True)
     with torch.autocast(device_type=query.device.type, enabled=False):
-        # One [B, d] x [d, B*L] product (einsum would lower this to a batched matmul, several times slower on CPU).
-        scores = (query.float() @ keys.float().reshape(-1, keys.shape[-1]).t() / temperature).view(batch, batch, length)
-        positives = scores.diagonal(dim1=0, dim2=1).t()  # [B, L]: s[b, b, i]
-        same_pair = torch.eye(batch, dtype=torch.bool, device=query.device).unsqueeze(-1)
-        is_negative = keys_mask.unsqueeze(0) & ~same_pair  # [B, B, L]
-        k = min(num_negatives, batch * length)
+        valid = keys[pair_of, position].float()  # [N, d]
+        scores = query.float() @ valid.t() / temperature  # [B, N]
+        positives = scores[pair_of, torch.arange(pair_of.numel(), device=scores.device)]  # [N]: s[pair, own local]
+        k = min(num_negatives, pair_of.numel())
         if k > 0:
-            neg = scores.masked_fill(~is_negative, float("-inf")).reshape(batch, -1).topk(k, dim=1).values
+            is_negative = pair_of.unsqueeze(0) != torch.arange(batch, device=scores.device).unsqueeze(1)  # [B, N]
+            neg = scores.masked_fill(~is_negative, float("-inf")).topk(k, dim=1).values
             has_neg = torch.isfinite(neg[:, 0])
             # logsumexp of an all -inf row has a NaN gradient: compute it on zeros there, then discard.
             lse = torch.logsumexp(torch.where(has_neg.unsqueeze(1), neg, torch.zeros_like(neg)), dim=1)
@@ -113,5 +111,4 @@ def cra_loss(
         else:
             lse = positives.new_full((batch,), float("-inf"))
         # -log(e^p / (e^p + e^lse)) = softplus(lse - p); equals 0 when there are no negatives.
-        per_positive = F.softplus(lse.unsqueeze(1) - positives)  # [B, L]
-        return per_positive[keys_mask].mean()
+        return F.softplus(lse[pair_of] - positives).mean()
