@@ -153,8 +153,11 @@ def rsum_figure(data: dict, out_path: Path) -> Path:
         mine = [r for r in rows if r["dataset"] == dataset]
         means, stds = [r["rsum_mean"] for r in mine], [r["rsum_std"] for r in mine]
         if numeric:
-            ax.errorbar([r["variant"] for r in mine], means, yerr=stds, marker="o", capsize=4, label=dataset,
-                        color=_COLOURS[d % len(_COLOURS)])
+            xs = [r["variant"] for r in mine]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=dataset, color=_COLOURS[d % len(_COLOURS)])
+            if len({len(r["seeds"]) for r in rows}) > 1:  # say which points rest on fewer seeds
+                for x, m, r in zip(xs, means, mine):
+                    ax.annotate(f"n={len(r['seeds'])}", (x, m), textcoords="offset points", xytext=(6, -12), fontsize=7)
         else:
             width = 0.8 / len(datasets)
             xs = [labels.index(r["variant"]) + (d - (len(datasets) - 1) / 2) * width for r in mine]
@@ -165,10 +168,11 @@ def rsum_figure(data: dict, out_path: Path) -> Path:
         ax.set_xticks(labels, [str(v) for v in labels])
     else:
         ax.set_xticks(range(len(labels)), [str(v) for v in labels])
-    n_seeds = max(len(r["seeds"]) for r in rows)
+    counts = sorted({len(r["seeds"]) for r in rows})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     ax.set_xlabel(name)
     ax.set_ylabel("test rsum (sum of 6 recalls, %)")
-    ax.set_title(f"Test rsum vs {name} (mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''})", fontsize=10)
+    ax.set_title(f"Test rsum vs {name} (mean ± std over {seeds} seed{'s' if counts[-1] > 1 else ''})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, out_path)
