@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from selfalign import atomic
-from selfalign.analysis.sweep import Job, load_results, markdown_table, run_sweep
+from selfalign.analysis.sweep import Job, load_results, markdown_table, run_sweep, sweep_overrides
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "src" / "selfalign" / "configs" / "scenes.yaml"
 
@@ -29,11 +29,6 @@ def _ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def build_jobs(args) -> list[Job]:
-    data = [f"data.features={args.features}"] + ([f"data.root={args.root}"] if args.root else [])
-    return [Job(args.dataset, k, seed, data + [f"align.codebook_size={k}"]) for k in args.ks for seed in args.seeds]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,10 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/codebook_sweep.py"] + (sys.argv[1:] if argv is None else argv))
-    epochs = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
-    base = epochs + ["align.lca=true", f"train.device={args.device}"] + list(args.set)
+    data, base = sweep_overrides(args.features, args.root, args.epochs, args.device, args.set)
     out = Path(args.out)
-    path = run_sweep(build_jobs(args), out, "codebook_size", command, args.config, base, device=args.device,
+    jobs = [Job(args.dataset, k, seed, data + [f"align.codebook_size={k}"]) for k in args.ks for seed in args.seeds]
+    path = run_sweep(jobs, out, "codebook_size", command, args.config, base, device=args.device,
                      progress=args.progress)
     table = markdown_table(load_results(path))
     atomic.write_text(out / "results.md", table)

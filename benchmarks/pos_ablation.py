@@ -19,7 +19,7 @@ from pathlib import Path
 
 from selfalign import atomic
 from selfalign.analysis.pos import KINDS
-from selfalign.analysis.sweep import Job, load_results, markdown_table, run_sweep
+from selfalign.analysis.sweep import Job, load_results, markdown_table, run_sweep, sweep_overrides
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "src" / "selfalign" / "configs" / "scenes.yaml"
 
@@ -73,11 +73,9 @@ def main(argv: list[str] | None = None) -> Path:
     if not applied:
         print("WARNING: the trainer does not pass POS word weights to the SelfAlign losses yet, so every variant "
               "trains the same model (see selfalign.analysis.pos)", file=sys.stderr)
-    data = [f"data.features={args.features}"] + ([f"data.root={args.root}"] if args.root else [])
+    data, base = sweep_overrides(args.features, args.root, args.epochs, args.device, args.set)
     jobs = [Job(args.dataset, kind, seed, data + [f"align.lca_words={kind}"])
             for kind in args.kinds for seed in args.seeds]
-    epochs = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
-    base = epochs + ["align.lca=true", f"train.device={args.device}"] + list(args.set)
     extra = {"trainer_applies_lca_words": applied, "token_coverage": token_coverage(args.features)}
     out = Path(args.out)
     path = run_sweep(jobs, out, "lca_words", command, args.config, base, device=args.device, progress=args.progress,

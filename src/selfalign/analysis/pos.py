@@ -64,7 +64,7 @@ def _words_of_pieces(tokens: list[str]) -> tuple[list[str], list[int]]:
     for token in tokens:
         if _is_special(token):
             index.append(-1)
-        elif token.startswith("##") and words and index and index[-1] >= 0:
+        elif token.startswith("##") and index and index[-1] >= 0:  # a previous word exists
             words[-1] += token[2:]
             index.append(len(words) - 1)
         else:

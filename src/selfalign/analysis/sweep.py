@@ -60,6 +60,15 @@ def run_job(job: Job, config: str | Path | None, base_overrides: list[str], runs
     return result
 
 
+def sweep_overrides(features: str, root: str | None, epochs: int | None, device: str,
+                    extra: list[str]) -> tuple[list[str], list[str]]:
+    """The sweep scripts' shared overrides: ``(data, base)`` — the dataset's, and every run's (LCA on; the
+    config's epochs unless ``epochs``; ``extra`` last so ``--set`` wins)."""
+    data = [f"data.features={features}"] + ([f"data.root={root}"] if root else [])
+    base = ([] if epochs is None else [f"train.epochs={epochs}"]) + ["align.lca=true", f"train.device={device}"]
+    return data, base + list(extra)
+
+
 def run_sweep(jobs: list[Job], out_dir: Path, variant_name: str, command: str, config: str | Path | None,
               base_overrides: list[str], device: str = "auto", progress: bool = False,
               extra: dict | None = None) -> Path:
@@ -149,13 +158,14 @@ def rsum_figure(data: dict, out_path: Path) -> Path:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, ax = new_figure(figsize=(6.5, 4.2))
     labels = list(dict.fromkeys(r["variant"] for r in rows))
+    counts = sorted({len(r["seeds"]) for r in rows})  # seeds per point
     for d, dataset in enumerate(datasets):
         mine = [r for r in rows if r["dataset"] == dataset]
         means, stds = [r["rsum_mean"] for r in mine], [r["rsum_std"] for r in mine]
         if numeric:
             xs = [r["variant"] for r in mine]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=dataset, color=_COLOURS[d % len(_COLOURS)])
-            if len({len(r["seeds"]) for r in rows}) > 1:  # say which points rest on fewer seeds
+            if len(counts) > 1:  # say which points rest on fewer seeds
                 for x, m, r in zip(xs, means, mine):
                     ax.annotate(f"n={len(r['seeds'])}", (x, m), textcoords="offset points", xytext=(6, -12), fontsize=7)
         else:
@@ -168,7 +178,6 @@ def rsum_figure(data: dict, out_path: Path) -> Path:
         ax.set_xticks(labels, [str(v) for v in labels])
     else:
         ax.set_xticks(range(len(labels)), [str(v) for v in labels])
-    counts = sorted({len(r["seeds"]) for r in rows})
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     ax.set_xlabel(name)
     ax.set_ylabel("test rsum (sum of 6 recalls, %)")
