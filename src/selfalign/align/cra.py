@@ -54,13 +54,14 @@ class ContextHead(nn.Module):
         batch = context.shape[0]
         # Work on the valid positions only (gathered once): padding is never read, so garbage there (even NaN)
         # cannot leak, and BN2's batch statistics (and running stats) ignore it.
-        pair_of, position = mask.nonzero(as_tuple=True)
-        valid = context[pair_of, position]  # [N_valid, d]
+        flat, pair_of = _valid_positions(mask)
+        valid = context.reshape(-1, self.dim).index_select(0, flat)  # [N_valid, d]
         counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(valid.dtype)  # [B, 1]
         h_bar = valid.new_zeros(batch, self.dim).index_add(0, pair_of, valid) / counts
         enhanced = F.relu(self.bn1(self.ctx_fc(h_bar)))
         local_valid = F.normalize(F.relu(self.bn2(valid)), dim=-1)
-        locals_ = context.new_zeros(context.shape).index_put((pair_of, position), local_valid.to(context.dtype))
+        locals_ = context.new_zeros(batch * context.shape[1], self.dim).index_copy(
+            0, flat, local_valid.to(context.dtype)).view(context.shape)
         local_mean = local_valid.new_zeros(batch, self.dim).index_add(0, pair_of, local_valid) / counts
         lam = torch.sigmoid(self.fusion_out(F.relu(self.fusion_hidden(torch.cat([h_bar, enhanced], dim=-1)))))
         fused = F.normalize(lam * h_bar + (1.0 - lam) * enhanced, dim=-1)
@@ -95,20 +96,31 @@ def cra_loss(
         return (query.sum() + keys.sum()) * 0.0
     # Only the valid locals enter (text is padded to the longest caption, often twice the mean length):
     # pair_of[n] is the pair that valid local n belongs to.
-    pair_of, position = keys_mask.nonzero(as_tuple=True)
+    flat, pair_of = _valid_positions(keys_mask)
     with torch.autocast(device_type=query.device.type, enabled=False):
-        valid = keys[pair_of, position].float()  # [N, d]
+        valid = keys.reshape(-1, keys.shape[-1]).index_select(0, flat).float()  # [N, d]
         scores = query.float() @ valid.t() / temperature  # [B, N]
-        positives = scores[pair_of, torch.arange(pair_of.numel(), device=scores.device)]  # [N]: s[pair, own local]
+        positives = scores.gather(0, pair_of.unsqueeze(0)).squeeze(0)  # [N]: s[pair, own local]
         k = min(num_negatives, pair_of.numel())
         if k > 0:
             is_negative = pair_of.unsqueeze(0) != torch.arange(batch, device=scores.device).unsqueeze(1)  # [B, N]
-            neg = scores.masked_fill(~is_negative, float("-inf")).topk(k, dim=1).values
-            has_neg = torch.isfinite(neg[:, 0])
+            # Unsorted: logsumexp does not care about order, and sorting the k values doubles topk's cost.
+            neg = scores.masked_fill(~is_negative, float("-inf")).topk(k, dim=1, sorted=False).values
+            has_neg = torch.isfinite(neg).any(dim=1)
             # logsumexp of an all -inf row has a NaN gradient: compute it on zeros there, then discard.
             lse = torch.logsumexp(torch.where(has_neg.unsqueeze(1), neg, torch.zeros_like(neg)), dim=1)
             lse = torch.where(has_neg, lse, torch.full_like(lse, float("-inf")))
         else:
             lse = positives.new_full((batch,), float("-inf"))
         # -log(e^p / (e^p + e^lse)) = softplus(lse - p); equals 0 when there are no negatives.
-        return F.softplus(lse[pair_of] - positives).mean()
+        return F.softplus(lse.index_select(0, pair_of) - positives).mean()
+
+
+def _valid_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices ``[N]`` of the valid positions of ``mask [B, L]`` (row-major) and the pair of each ``[N]``.
+
+    Selections go through ``index_select``/``gather``, not advanced indexing: on CPU the backward of advanced
+    indexing is an accumulating ``index_put_`` that sorts its indices, several milliseconds per step here.
+    """
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    return flat, torch.div(flat, mask.shape[1], rounding_mode="floor")

@@ -149,9 +149,11 @@ class LCA(nn.Module):
             if bool((word_weight < 0).any()):
                 raise InputError("word_weight: weights must be >= 0")
             weight = weight * word_weight.float()
-        # Zero the padding so garbage there (even NaN) cannot leak through 0 * x in any product.
-        img_free = img_free.masked_fill(~img_mask.unsqueeze(-1), 0.0)
-        txt_free = txt_free.masked_fill(~txt_mask.unsqueeze(-1), 0.0)
+        # Gradients flow through the valid rows only (gathered below); the matching works on detached copies
+        # with the padding zeroed, so garbage there (even NaN) cannot leak through 0 * x in any product.
+        with torch.no_grad():
+            img_match = img_free.masked_fill(~img_mask.unsqueeze(-1), 0.0)
+            txt_match = txt_free.masked_fill(~txt_mask.unsqueeze(-1), 0.0)
 
         self.normalize_codebook()
         # 1/tau folded into the [K, d] codebook instead of dividing every [N, K] logit: the projection C.x / tau
@@ -166,10 +168,10 @@ class LCA(nn.Module):
         txt_logits = txt_valid @ student.t().to(txt_valid.dtype)  # [N_words, K]
 
         img_codes = sinkhorn(img_logits.detach(), eps, self.iterations, self.distributed)
-        loss = self._predict(img_free, img_rows, img_codes, img_mask, txt_free, txt_rows, txt_logits, weight)
+        loss = self._predict(img_match, img_rows, img_codes, img_mask, txt_match, txt_rows, txt_logits, weight)
         if symmetric:
             txt_codes = sinkhorn(txt_logits.detach(), eps, self.iterations, self.distributed)
-            mirror = self._predict(txt_free, txt_rows, txt_codes, weight > 0, img_free, img_rows, img_logits,
+            mirror = self._predict(txt_match, txt_rows, txt_codes, weight > 0, img_match, img_rows, img_logits,
                                    img_mask.float())
             loss = 0.5 * (loss + mirror)
         return loss
@@ -187,6 +189,9 @@ class LCA(nn.Module):
     ) -> torch.Tensor:
         """One direction: sources ``[B, S, d]`` predict the Sinkhorn code of their best target ``[B, M, d]``.
 
+        ``source``/``target`` serve the matching only (padding zeroed; no gradient); the prediction's gradient
+        flows through ``source_logits``.
+
         ``target_rows [B, M]`` / ``source_rows [B, S]``: row of each position in ``codes [N_t, K]`` /
         ``source_logits [N_s, K]`` (-1 at padding); ``match_mask [B, M]``: targets a source may be matched to
         (valid, and selected); ``source_weight [B, S]``: > 0 for the sources that take part.
@@ -194,7 +199,7 @@ class LCA(nn.Module):
         batch, n_sources, _ = source.shape
         n_targets = target.shape[1]
         with torch.no_grad():
-            sim = torch.bmm(source.detach(), target.detach().transpose(1, 2))  # [B, S, M] cosines
+            sim = torch.bmm(source, target.transpose(1, 2))  # [B, S, M] cosines
             best = sim.masked_fill(~match_mask.unsqueeze(1), float("-inf")).argmax(dim=2)  # [B, S]
             takes_part = (source_weight > 0) & match_mask.any(dim=1, keepdim=True)
             b_idx, s_idx = takes_part.nonzero(as_tuple=True)
@@ -204,7 +209,7 @@ class LCA(nn.Module):
             return self.prototypes.weight.sum() * 0.0  # nothing to predict; keeps a graph so backward() works
         # Rows are numbered in the same row-major order nonzero() walks, so when every source takes part src is
         # 0..N-1: skip the gathers, whose backward (an accumulating scatter of [N, K]) costs more than the loss.
-        logits = source_logits if src.numel() == source_logits.shape[0] else source_logits[src]
+        logits = source_logits if src.numel() == source_logits.shape[0] else source_logits.index_select(0, src)
         ce = F.cross_entropy(logits.float(), codes[tgt], reduction="none")  # [n]: soft targets, -sum q log softmax
         w = source_weight[b_idx, s_idx].float()
         num = ce.new_zeros(batch).index_add(0, b_idx, ce * w)
@@ -218,4 +223,5 @@ def _valid_rows(feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     flat = mask.reshape(-1).nonzero().squeeze(1)
     rows = torch.full((mask.numel(),), -1, dtype=torch.long, device=mask.device)
     rows[flat] = torch.arange(flat.numel(), device=mask.device)
-    return rows.view(mask.shape), feats.reshape(-1, feats.shape[-1])[flat]
+    # index_select: its backward is an index_add, where advanced indexing's sorts the indices on CPU.
+    return rows.view(mask.shape), feats.reshape(-1, feats.shape[-1]).index_select(0, flat)
