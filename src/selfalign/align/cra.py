@@ -99,14 +99,19 @@ def cra_loss(
     flat, pair_of = _valid_positions(keys_mask)
     with torch.autocast(device_type=query.device.type, enabled=False):
         valid = keys.reshape(-1, keys.shape[-1]).index_select(0, flat).float()  # [N, d]
-        scores = query.float() @ valid.t() / temperature  # [B, N]
+        scores = (query.float() / temperature) @ valid.t()  # [B, N]
         positives = scores.gather(0, pair_of.unsqueeze(0)).squeeze(0)  # [N]: s[pair, own local]
         k = min(num_negatives, pair_of.numel())
         if k > 0:
             is_negative = pair_of.unsqueeze(0) != torch.arange(batch, device=scores.device).unsqueeze(1)  # [B, N]
-            # Unsorted: logsumexp does not care about order, and sorting the k values doubles topk's cost.
-            neg = scores.masked_fill(~is_negative, float("-inf")).topk(k, dim=1, sorted=False).values
-            has_neg = torch.isfinite(neg).any(dim=1)
+            # The choice is not differentiated: select on a detached copy, gather the k scores (unsorted:
+            # logsumexp ignores order, and sorting doubles topk's cost). A row with fewer than k negatives
+            # also picks some of its own locals; those are masked back to -inf.
+            with torch.no_grad():
+                pick = scores.masked_fill(~is_negative, float("-inf")).topk(k, dim=1, sorted=False).indices
+                real = is_negative.gather(1, pick)  # [B, k]
+            neg = scores.gather(1, pick).masked_fill(~real, float("-inf"))
+            has_neg = real.any(dim=1)
             # logsumexp of an all -inf row has a NaN gradient: compute it on zeros there, then discard.
             lse = torch.logsumexp(torch.where(has_neg.unsqueeze(1), neg, torch.zeros_like(neg)), dim=1)
             lse = torch.where(has_neg, lse, torch.full_like(lse, float("-inf")))
