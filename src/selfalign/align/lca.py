@@ -210,7 +210,8 @@ class LCA(nn.Module):
         # Rows are numbered in the same row-major order nonzero() walks, so when every source takes part src is
         # 0..N-1: skip the gathers, whose backward (an accumulating scatter of [N, K]) costs more than the loss.
         logits = source_logits if src.numel() == source_logits.shape[0] else source_logits.index_select(0, src)
-        ce = F.cross_entropy(logits.float(), codes.index_select(0, tgt), reduction="none")  # [n]: soft targets, -sum q log softmax
+        # [n]: soft targets, -sum q log softmax
+        ce = F.cross_entropy(logits.float(), codes.index_select(0, tgt), reduction="none")
         w = source_weight[b_idx, s_idx].float()
         num = ce.new_zeros(batch).index_add(0, b_idx, ce * w)
         den = ce.new_zeros(batch).index_add(0, b_idx, w)
