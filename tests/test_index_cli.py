@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from selfalign.cli import main
+from selfalign.index.gallery import Gallery
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -61,6 +62,8 @@ def test_folder_index_reports_skips_and_add(tiny_scenes_run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "3 image(s) added" in captured.out and "1 skipped" in captured.out
     assert "zz_bad.jpg" in captured.err and "regions differ from training" in captured.err
+    assert f"{folder / 'zz_bad.jpg'}: cannot read image" in captured.err
+    assert f"{folder / 'zz_bad.jpg'}: {folder / 'zz_bad.jpg'}" not in captured.err  # the path is said once
     # a plain folder has no captions: image -> text says so and fails cleanly
     assert main(["search", str(out), "--image", str(images[0]), "--target", "captions", "--device", "cpu"]) == 2
     assert "no captions" in capsys.readouterr().err
@@ -71,6 +74,13 @@ def test_folder_index_reports_skips_and_add(tiny_scenes_run, tmp_path, capsys):
     assert "1 image(s) added" in capsys.readouterr().out
     assert main(["search", str(out), "--image", str(images[3]), "-k", "1", "--json", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["image_id"] == images[3].name
+    # a forgotten --add is refused and the gallery keeps its 4 images; --overwrite replaces it
+    assert main(["index", run, str(more), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a gallery of 4 image(s)" in err and "--add" in err and "--overwrite" in err
+    assert len(Gallery.load(out)) == 4
+    assert main(["index", run, str(more), "--out", str(out), "--overwrite", "--device", "cpu", "--quiet"]) == 0
+    assert "1 image(s) added, 1 in total" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -83,6 +93,7 @@ def test_folder_index_reports_skips_and_add(tiny_scenes_run, tmp_path, capsys):
     (["index", "{run}", "--dataset", "scenes", "--out", "{tmp}/o"], "--dataset needs --root"),
     (["index", "{run}", "{tmp}/missing", "--out", "{tmp}/o"], "no such image folder"),
     (["index", "{run}", "{tmp}", "--out", "{tmp}/o", "--add"], "gallery folder does not exist"),
+    (["index", "{run}", "{tmp}", "--out", "{idx}", "--add", "--overwrite"], "not both"),
 ])
 def test_bad_arguments_are_clear_errors(argv, message, dataset_index, tiny_scenes_run, tmp_path, capsys):
     fill = {"idx": str(dataset_index), "run": str(tiny_scenes_run["run_dir"]), "tmp": str(tmp_path)}

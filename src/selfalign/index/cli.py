@@ -18,8 +18,8 @@ def _cmd_index(args) -> None:
         raise InputError("give either IMAGES (a folder) or --dataset/--root/--split, not both")
     report = build_gallery(
         args.run_dir, args.out, args.images, dataset=args.dataset, root=args.root, split=args.split, add=args.add,
-        backend=args.backend, uri=args.uri, kind=args.kind, device=args.device, batch_size=args.batch_size,
-        cache_dir=args.cache, progress=not args.quiet,
+        overwrite=args.overwrite, backend=args.backend, uri=args.uri, kind=args.kind, device=args.device,
+        batch_size=args.batch_size, cache_dir=args.cache, progress=not args.quiet,
     )  # fmt: skip
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable file(s):", file=sys.stderr)
@@ -82,6 +82,7 @@ def register(subparsers) -> None:
     p.add_argument("images", nargs="?", help="a folder of images (omit with --dataset)")
     p.add_argument("--out", required=True, help="the gallery folder (INDEX_DIR)")
     p.add_argument("--add", action="store_true", help="add images to the existing gallery at --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the gallery at --out (refused without it)")
     p.add_argument("--dataset", choices=["scenes", "flickr", "karpathy", "folder"], help="index a dataset split")
     p.add_argument("--root", help="the dataset folder (with --dataset)")
     p.add_argument("--split", default="test", help="the dataset split (with --dataset; default test)")

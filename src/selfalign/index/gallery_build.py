@@ -135,12 +135,14 @@ def _swap(tmp: Path, out: Path) -> None:
 
 def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: str | os.PathLike | None = None, *,
                   dataset: str | None = None, root: str | os.PathLike | None = None, split: str = "test",
-                  add: bool = False, backend: str = "faiss", uri: str | None = None, kind: str = "auto",
+                  add: bool = False, overwrite: bool = False, backend: str = "faiss", uri: str | None = None,
+                  kind: str = "auto",
                   device: str = "cpu", batch_size: int = 16, cache_dir: str | os.PathLike | None = None,
                   progress: bool = True) -> BuildReport:
     """Index ``images`` (a folder) or a dataset split (``dataset``, ``root``, ``split``) with the run's model.
 
-    ``add``: append to the existing gallery at ``out`` (images it already holds are left out). ``cache_dir``
+    ``add``: append to the existing gallery at ``out`` (images it already holds are left out); ``overwrite``:
+    replace it. A gallery already at ``out`` with neither is refused, so a forgotten ``--add`` loses nothing. ``cache_dir``
     (default ``<out>.cache``) keeps extracted region features, so a rebuild or a resumed build is fast.
     """
     from selfalign.evaluate.runner import encode_captions
@@ -152,6 +154,8 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         raise InputError("index needs either an image folder or a dataset split (--dataset, --root, --split)")
     if dataset is not None and root is None:
         raise InputError("--dataset needs --root (the dataset folder)")
+    if add and overwrite:
+        raise InputError("give --add (extend the gallery) or --overwrite (replace it), not both")
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
@@ -167,6 +171,10 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         backend = old_manifest["backend"]
     elif out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: exists and is not a gallery; refusing to overwrite it")
+    elif (out / MANIFEST).is_file() and not overwrite:
+        held = read_manifest(out)
+        raise InputError(f"{out}: already holds a gallery of {held['images']} image(s); pass --add to add these "
+                         f"images to it, or --overwrite to replace it")
     replaced = _milvus_collections(out) if not add and (out / MANIFEST).is_file() else []
     dev = resolve_device(device)
     model, _ = load_model(run_dir, dev)
@@ -283,5 +291,5 @@ def build_demo_index(run_dir: str | os.PathLike, data_root: str | os.PathLike, o
     The run's feature store already holds the split, so nothing is extracted again.
     """
     report = build_gallery(run_dir, out, dataset="scenes", root=data_root, split=split, device=device,
-                           progress=False)
+                           overwrite=True, progress=False)  # the demo's own gallery: a rerun rebuilds it
     return f"selfalign serve {report.index_dir}"

@@ -132,7 +132,8 @@ def folder_source(folder: Path, known: set[str], plan: RegionPlan, extractor: Ca
             if good:
                 kept_files.append(f)
             else:
-                skipped.append((str(f), str(reason)))
+                reason = str(reason)  # the extractor's message starts with the path, which the pair already has
+                skipped.append((str(f), reason.removeprefix(f"{f}: ")))
         if len(chunk["n_regions"]):
             width = max(width, int(chunk["n_regions"].max()))
         used.append((path, part))
