@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfalign.align._checks import check_locals, check_same_batch
+from selfalign.align._checks import check_locals, check_same_batch, valid_locals
 from selfalign.errors import InputError
 
 __all__ = ["ContextHead", "ContextOutput", "cra_loss"]
@@ -54,8 +54,7 @@ class ContextHead(nn.Module):
         batch = context.shape[0]
         # Work on the valid positions only (gathered once): padding is never read, so garbage there (even NaN)
         # cannot leak, and BN2's batch statistics (and running stats) ignore it.
-        flat, pair_of = _valid_positions(mask)
-        valid = context.reshape(-1, self.dim).index_select(0, flat)  # [N_valid, d]
+        valid, flat, pair_of = valid_locals(context, mask)  # [N_valid, d]
         counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(valid.dtype)  # [B, 1]
         h_bar = valid.new_zeros(batch, self.dim).index_add(0, pair_of, valid) / counts
         enhanced = F.relu(self.bn1(self.ctx_fc(h_bar)))
@@ -96,9 +95,9 @@ def cra_loss(
         return (query.sum() + keys.sum()) * 0.0
     # Only the valid locals enter (text is padded to the longest caption, often twice the mean length):
     # pair_of[n] is the pair that valid local n belongs to.
-    flat, pair_of = _valid_positions(keys_mask)
+    valid, _, pair_of = valid_locals(keys, keys_mask)  # [N, d]
     with torch.autocast(device_type=query.device.type, enabled=False):
-        valid = keys.reshape(-1, keys.shape[-1]).index_select(0, flat).float()  # [N, d]
+        valid = valid.float()
         scores = (query.float() / temperature) @ valid.t()  # [B, N]
         positives = scores.gather(0, pair_of.unsqueeze(0)).squeeze(0)  # [N]: s[pair, own local]
         k = min(num_negatives, pair_of.numel())
@@ -120,12 +119,3 @@ def cra_loss(
         # -log(e^p / (e^p + e^lse)) = softplus(lse - p); equals 0 when there are no negatives.
         return F.softplus(lse.index_select(0, pair_of) - positives).mean()
 
-
-def _valid_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices ``[N]`` of the valid positions of ``mask [B, L]`` (row-major) and the pair of each ``[N]``.
-
-    Selections go through ``index_select``/``gather``, not advanced indexing: on CPU the backward of advanced
-    indexing is an accumulating ``index_put_`` that sorts its indices, several milliseconds per step here.
-    """
-    flat = mask.reshape(-1).nonzero().squeeze(1)
-    return flat, torch.div(flat, mask.shape[1], rounding_mode="floor")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfalign.align._checks import check_locals, check_same_batch
+from selfalign.align._checks import check_locals, check_same_batch, valid_locals
 from selfalign.align.sinkhorn import sinkhorn
 from selfalign.errors import ConfigError, InputError
 
@@ -221,8 +221,7 @@ class LCA(nn.Module):
 
 def _valid_rows(feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Valid locals ``[N, d]`` of ``feats [B, L, d]`` and the row of each position ``[B, L]`` (-1 at padding)."""
-    flat = mask.reshape(-1).nonzero().squeeze(1)
+    valid, flat, _ = valid_locals(feats, mask)
     rows = torch.full((mask.numel(),), -1, dtype=torch.long, device=mask.device)
     rows[flat] = torch.arange(flat.numel(), device=mask.device)
-    # index_select: its backward is an index_add, where advanced indexing's sorts the indices on CPU.
-    return rows.view(mask.shape), feats.reshape(-1, feats.shape[-1]).index_select(0, flat)
+    return rows.view(mask.shape), valid

@@ -136,14 +136,13 @@ def _swap(tmp: Path, out: Path) -> None:
 def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: str | os.PathLike | None = None, *,
                   dataset: str | None = None, root: str | os.PathLike | None = None, split: str = "test",
                   add: bool = False, overwrite: bool = False, backend: str = "faiss", uri: str | None = None,
-                  kind: str = "auto",
-                  device: str = "cpu", batch_size: int = 16, cache_dir: str | os.PathLike | None = None,
-                  progress: bool = True) -> BuildReport:
+                  kind: str = "auto", device: str = "cpu", batch_size: int = 16,
+                  cache_dir: str | os.PathLike | None = None, progress: bool = True) -> BuildReport:
     """Index ``images`` (a folder) or a dataset split (``dataset``, ``root``, ``split``) with the run's model.
 
     ``add``: append to the existing gallery at ``out`` (images it already holds are left out); ``overwrite``:
-    replace it. A gallery already at ``out`` with neither is refused, so a forgotten ``--add`` loses nothing. ``cache_dir``
-    (default ``<out>.cache``) keeps extracted region features, so a rebuild or a resumed build is fast.
+    replace it. A gallery already at ``out`` with neither is refused, so a forgotten ``--add`` loses nothing.
+    ``cache_dir`` (default ``<out>.cache``) keeps extracted region features, so a rebuild or a resumed build is fast.
     """
     from selfalign.evaluate.runner import encode_captions
     from selfalign.model.checkpoint import load_model, read_run_config
@@ -164,18 +163,18 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         raise InputError(f"{run_dir / 'config.json'}: model.similarity={cfg.model.similarity} scores each pair by "
                          f"cross-attention, which a vector index cannot search; index a dual-encoder run")
     old_manifest: dict[str, Any] | None = None
+    has_gallery = (out / MANIFEST).is_file()
     if add:
         old_manifest = read_manifest(out)
         if old_manifest["model_hash"] != model_hash(run_dir):
             raise InputError(f"{out / MANIFEST}: built with another model than {run_dir}; --add needs the same run")
         backend = old_manifest["backend"]
-    elif out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+    elif out.exists() and not has_gallery and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: exists and is not a gallery; refusing to overwrite it")
-    elif (out / MANIFEST).is_file() and not overwrite:
-        held = read_manifest(out)
-        raise InputError(f"{out}: already holds a gallery of {held['images']} image(s); pass --add to add these "
-                         f"images to it, or --overwrite to replace it")
-    replaced = _milvus_collections(out) if not add and (out / MANIFEST).is_file() else []
+    elif has_gallery and not overwrite:
+        raise InputError(f"{out}: already holds a gallery of {read_manifest(out)['images']} image(s); pass --add to "
+                         f"add these images to it, or --overwrite to replace it")
+    replaced = _milvus_collections(out) if not add and has_gallery else []
     dev = resolve_device(device)
     model, _ = load_model(run_dir, dev)
     plan = RegionPlan.from_dict(old_manifest["query_regions"], str(out / MANIFEST)) if add else plan_regions(cfg)
