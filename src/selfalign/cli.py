@@ -50,14 +50,20 @@ def _cmd_evaluate(args) -> None:
     from selfalign import atomic
     from selfalign.evaluate.metrics import evaluate_sims_file, format_table
 
+    if args.sims and args.run_dirs:
+        raise SelfAlignError("evaluate takes RUN_DIR(s) or --sims SIMS.npy, not both")
     if args.sims:
         metrics = evaluate_sims_file(args.sims, fold5=args.fold5)
+    elif len(args.run_dirs) > 1:
+        from selfalign.pipeline import evaluate_ensemble
+
+        metrics = evaluate_ensemble(args.run_dirs, args.split, fold5=args.fold5, device=args.device)
     else:
-        if not args.run_dir:
+        if not args.run_dirs:
             raise SelfAlignError("evaluate needs RUN_DIR or --sims SIMS.npy")
         from selfalign.pipeline import evaluate_run
 
-        metrics = evaluate_run(args.run_dir, args.split, fold5=args.fold5, device=args.device)
+        metrics = evaluate_run(args.run_dirs[0], args.split, fold5=args.fold5, device=args.device)
     print(format_table(metrics))
     if args.json:
         atomic.write_json(args.json, metrics)
@@ -108,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="the standard retrieval metrics of a run, or of a saved similarity matrix")
-    p.add_argument("run_dir", nargs="?")
+    p = sub.add_parser("evaluate", help="the standard retrieval metrics of a run, of an ensemble of runs (the mean "
+                                        "of their similarity matrices), or of a saved similarity matrix")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="one run, or several for an ensemble")
     p.add_argument("--split", default="test")
     p.add_argument("--sims", help="a saved [N, 5N] similarity matrix (.npy)")
     p.add_argument("--fold5", action="store_true", help="COCO 1K: mean over 5 folds")

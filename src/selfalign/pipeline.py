@@ -43,3 +43,44 @@ def evaluate_run(run_dir: str | Path, split: str = "test", fold5: bool = False, 
     metrics["protocol"] = "coco_1k_5fold" if fold5 else f"{len(features.image_ids)}_images"
     atomic.write_json(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"), metrics)
     return metrics
+
+
+def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bool = False,
+                      device: str = "auto") -> dict:
+    """The protocol's metrics for the mean of several runs' ``[N, 5N]`` similarity matrices on one split.
+
+    As VSE∞'s ensemble evaluation: each run scores the split with its own model and feature store, the matrices are
+    averaged. The runs must hold the same images and captions in the same order (InputError naming the first run
+    that differs). Nothing is written into the runs.
+    """
+    import numpy as np
+
+    from selfalign.data.precomp import load_feature_split
+    from selfalign.errors import InputError
+    from selfalign.evaluate.metrics import fold5_metrics, retrieval_metrics
+    from selfalign.evaluate.runner import encode_split, similarity_matrix
+    from selfalign.model.checkpoint import load_model
+
+    if len(run_dirs) < 2:
+        raise InputError(f"an ensemble needs at least two runs, got {len(run_dirs)}")
+    total, reference, similarities = None, None, []
+    for run_dir in run_dirs:
+        model, cfg = load_model(Path(run_dir), resolve_device(device))
+        features = load_feature_split(cfg.data.features, split)
+        order = (list(features.image_ids), list(features.captions))
+        if reference is None:
+            reference = (run_dir, order)
+        elif order != reference[1]:
+            raise InputError(f"{run_dir}: its {split} split ({cfg.data.features}) does not hold the same images and "
+                             f"captions in the same order as {reference[0]}'s; an ensemble scores one split")
+        sims = similarity_matrix(encode_split(model, features)).double()
+        total = sims if total is None else total + sims
+        similarities.append(cfg.model.similarity)
+        del model
+    mean = (total / len(run_dirs)).float().numpy()
+    metrics = fold5_metrics(mean) if fold5 else retrieval_metrics(mean)
+    metrics["ensemble"] = [str(r) for r in run_dirs]
+    metrics["similarity"] = "+".join(similarities)
+    metrics["split"] = split
+    metrics["protocol"] = "coco_1k_5fold" if fold5 else f"{len(reference[1][0])}_images"
+    return metrics

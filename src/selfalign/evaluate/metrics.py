@@ -206,6 +206,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     where = f"{metrics.get('n_images', '?')} images / {metrics.get('n_captions', '?')} captions"
     if "n_folds" in metrics:
         where = f"mean of {metrics['n_folds']} folds of {where}"
+    if "ensemble" in metrics:
+        where = f"{where}; ensemble of {len(metrics['ensemble'])} runs"
     lines.append(f"({where})")
     return "\n".join(lines)
 

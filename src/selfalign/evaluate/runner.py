@@ -105,16 +105,20 @@ def encode_split(model: RetrievalModel, split, max_images: int = 0, batch_size: 
     return SplitEmbeddings(images, captions, seconds, locals_)
 
 
-def score_embeddings(emb: SplitEmbeddings, fold5: bool = False) -> dict:
-    """Similarity ``[N, 5N]`` — one matrix product, or for a cross-attention model every pair by the batched SCAN
-    scorer on the model's device — then the protocol's metrics (+ timings)."""
-    start = time.perf_counter()
+def similarity_matrix(emb: SplitEmbeddings) -> torch.Tensor:
+    """``[N, 5N]`` scores: one matrix product, or for a cross-attention model every pair by the batched SCAN scorer
+    on the model's device."""
     if emb.locals is None:
-        sims = emb.images @ emb.captions.T
-    else:
-        loc = emb.locals
-        with torch.inference_mode():
-            sims = loc.score(loc.images, loc.image_mask, loc.captions, loc.caption_mask, device=loc.device).cpu()
+        return emb.images @ emb.captions.T
+    loc = emb.locals
+    with torch.inference_mode():
+        return loc.score(loc.images, loc.image_mask, loc.captions, loc.caption_mask, device=loc.device).cpu()
+
+
+def score_embeddings(emb: SplitEmbeddings, fold5: bool = False) -> dict:
+    """:func:`similarity_matrix`, then the protocol's metrics (+ timings)."""
+    start = time.perf_counter()
+    sims = similarity_matrix(emb)
     sim_seconds = time.perf_counter() - start
     metrics = fold5_metrics(sims.numpy()) if fold5 else retrieval_metrics(sims.numpy())
     metrics["encode_seconds"] = round(emb.seconds, 4)

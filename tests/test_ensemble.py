@@ -1,0 +1,58 @@
+"""Ensemble evaluation: the mean of several runs' similarity matrices on one split."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_feature_store, tiny_overrides
+from selfalign.cli import main
+from selfalign.config import load_config
+from selfalign.data.precomp import load_feature_split
+from selfalign.errors import InputError
+from selfalign.evaluate.metrics import retrieval_metrics
+from selfalign.evaluate.runner import encode_split, similarity_matrix
+from selfalign.model.checkpoint import load_model
+from selfalign.pipeline import evaluate_ensemble
+from selfalign.train import train
+
+
+@pytest.fixture(scope="module")
+def two_runs(feature_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ens")
+    runs = [train(load_config(None, tiny_overrides(feature_store, out, f"s{seed}") + [f"train.seed={seed}"]),
+                  progress=False) for seed in (0, 1)]
+    return runs
+
+
+def test_ensemble_scores_the_mean_of_the_runs_similarities(two_runs, feature_store):
+    split = load_feature_split(feature_store, "test")
+    mats = [similarity_matrix(encode_split(load_model(r, "cpu")[0], split)).numpy() for r in two_runs]
+    assert not np.allclose(mats[0], mats[1])  # two seeds, two different models
+    expected = retrieval_metrics((mats[0].astype(np.float64) + mats[1]) / 2)
+    metrics = evaluate_ensemble(two_runs, "test", device="cpu")
+    for key in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r10", "rsum"):
+        assert metrics[key] == pytest.approx(expected[key])
+    assert metrics["ensemble"] == [str(r) for r in two_runs] and metrics["protocol"] == "16_images"
+    assert not any((r / "eval.json").exists() for r in two_runs)  # an ensemble writes into no run
+
+
+def test_ensemble_cli_prints_and_writes_json(two_runs, tmp_path, capsys):
+    out = tmp_path / "ens.json"
+    assert main(["evaluate", *map(str, two_runs), "--device", "cpu", "--json", str(out)]) == 0
+    assert "ensemble of 2 runs" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["ensemble"]) == 2
+
+
+def test_ensemble_refuses_runs_of_different_splits(two_runs, feature_store, tmp_path):
+    other = make_feature_store(tmp_path / "other", seed=7)
+    run = train(load_config(None, tiny_overrides(other, tmp_path, "other")), progress=False)
+    with pytest.raises(InputError, match="same images and captions"):
+        evaluate_ensemble([two_runs[0], run], "test", device="cpu")
+    with pytest.raises(InputError, match="at least two runs"):
+        evaluate_ensemble([two_runs[0]], "test", device="cpu")
+
+
+def test_sims_and_runs_together_is_an_error(two_runs, tmp_path, capsys):
+    assert main(["evaluate", str(two_runs[0]), "--sims", str(tmp_path / "s.npy")]) == 2
+    assert "not both" in capsys.readouterr().err
