@@ -26,6 +26,10 @@ def extract_features(dataset: str, root: str | Path, out: str | Path, split: str
                          image_size=image_size, batch_size=batch_size, detector=detector, progress=progress)
 
 
+def _protocol(fold5: bool, n_images: int) -> str:
+    return "coco_1k_5fold" if fold5 else f"{n_images}_images"
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", fold5: bool = False, device: str = "auto") -> dict:
     """Encode ``split`` with the run's best model, compute the protocol's metrics, write ``eval.json``."""
     from selfalign.data.precomp import load_feature_split
@@ -40,7 +44,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", fold5: bool = False, 
     metrics = score_embeddings(encode_split(model, features), fold5=fold5)
     metrics["similarity"] = cfg.model.similarity
     metrics["split"] = split
-    metrics["protocol"] = "coco_1k_5fold" if fold5 else f"{len(features.image_ids)}_images"
+    metrics["protocol"] = _protocol(fold5, len(features.image_ids))
     atomic.write_json(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"), metrics)
     return metrics
 
@@ -53,8 +57,6 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
     averaged. The runs must hold the same images and captions in the same order (InputError naming the first run
     that differs). Nothing is written into the runs.
     """
-    import numpy as np
-
     from selfalign.data.precomp import load_feature_split
     from selfalign.errors import InputError
     from selfalign.evaluate.metrics import fold5_metrics, retrieval_metrics
@@ -73,14 +75,14 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
         elif order != reference[1]:
             raise InputError(f"{run_dir}: its {split} split ({cfg.data.features}) does not hold the same images and "
                              f"captions in the same order as {reference[0]}'s; an ensemble scores one split")
-        sims = similarity_matrix(encode_split(model, features)).double()
-        total = sims if total is None else total + sims
+        sims = similarity_matrix(encode_split(model, features))
+        total = sims if total is None else total.add_(sims)
         similarities.append(cfg.model.similarity)
         del model
-    mean = (total / len(run_dirs)).float().numpy()
+    mean = total.div_(len(run_dirs)).numpy()
     metrics = fold5_metrics(mean) if fold5 else retrieval_metrics(mean)
     metrics["ensemble"] = [str(r) for r in run_dirs]
     metrics["similarity"] = "+".join(similarities)
     metrics["split"] = split
-    metrics["protocol"] = "coco_1k_5fold" if fold5 else f"{len(reference[1][0])}_images"
+    metrics["protocol"] = _protocol(fold5, len(reference[1][0]))
     return metrics
