@@ -18,6 +18,7 @@ from selfalign.evaluate.metrics import (
     fold5_metrics,
     format_table,
     i2t_ranks,
+    protocol_metrics,
     retrieval_metrics,
     t2i_ranks,
 )
@@ -168,6 +169,14 @@ def test_fold5_is_mean_of_separate_folds() -> None:
     for k in METRIC_KEYS:
         if k not in ("n_images", "n_captions"):
             assert out[k] == pytest.approx(np.mean([d[k] for d in separate])), k
+
+
+def test_protocol_metrics_dispatches_on_fold5() -> None:
+    sims = random_sims(np.random.default_rng(11), 10, "informative")
+    whole, folds = protocol_metrics(sims), protocol_metrics(sims, fold5=True)
+    assert_metrics_equal(whole, retrieval_metrics(sims))
+    assert "n_folds" not in whole and folds["n_folds"] == 5
+    assert folds["rsum"] == pytest.approx(fold5_metrics(sims)["rsum"])
 
 
 def test_fold5_rsum_is_not_the_scan_bug() -> None:

@@ -59,7 +59,7 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
     """
     from selfalign.data.precomp import load_feature_split
     from selfalign.errors import InputError
-    from selfalign.evaluate.metrics import fold5_metrics, retrieval_metrics
+    from selfalign.evaluate.metrics import protocol_metrics
     from selfalign.evaluate.runner import encode_split, similarity_matrix
     from selfalign.model.checkpoint import load_model
 
@@ -80,7 +80,7 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
         similarities.append(cfg.model.similarity)
         del model
     mean = total.div_(len(run_dirs)).numpy()
-    metrics = fold5_metrics(mean) if fold5 else retrieval_metrics(mean)
+    metrics = protocol_metrics(mean, fold5)
     metrics["ensemble"] = [str(r) for r in run_dirs]
     metrics["similarity"] = "+".join(similarities)
     metrics["split"] = split

@@ -193,6 +193,15 @@ def fold5_metrics(
     return out
 
 
+def protocol_metrics(
+    sims: Any, fold5: bool = False, captions_per_image: int = 5, chunk_size: int = DEFAULT_CHUNK
+) -> dict[str, Any]:
+    """The metrics of ``sims [N, 5N]`` under the chosen protocol: COCO 1K's 5 folds, or the whole matrix at once."""
+    if fold5:
+        return fold5_metrics(sims, captions_per_image, chunk_size)
+    return retrieval_metrics(sims, captions_per_image, chunk_size)
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     """A small text table: R@1/5/10, medr and meanr for i2t and t2i, then rsum (and the protocol line)."""
     head = f"{'':<5}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'medr':>7}{'meanr':>8}"
@@ -226,8 +235,6 @@ def evaluate_sims_file(
     if not isinstance(sims, np.ndarray):  # an .npz archive loads as NpzFile
         raise InputError(f"{path}: expected a single .npy array, got an .npz archive")
     try:
-        if fold5:
-            return fold5_metrics(sims, captions_per_image, chunk_size)
-        return retrieval_metrics(sims, captions_per_image, chunk_size)
+        return protocol_metrics(sims, fold5, captions_per_image, chunk_size)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from exc

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from selfalign.data.batches import RegionStore
-from selfalign.evaluate.metrics import fold5_metrics, retrieval_metrics
+from selfalign.evaluate.metrics import protocol_metrics
 from selfalign.model.model import RetrievalModel
 
 
@@ -120,7 +120,7 @@ def score_embeddings(emb: SplitEmbeddings, fold5: bool = False) -> dict:
     start = time.perf_counter()
     sims = similarity_matrix(emb)
     sim_seconds = time.perf_counter() - start
-    metrics = fold5_metrics(sims.numpy()) if fold5 else retrieval_metrics(sims.numpy())
+    metrics = protocol_metrics(sims.numpy(), fold5)
     metrics["encode_seconds"] = round(emb.seconds, 4)
     metrics["similarity_seconds"] = round(sim_seconds, 4)
     return metrics
