@@ -56,3 +56,16 @@ def test_ensemble_refuses_runs_of_different_splits(two_runs, feature_store, tmp_
 def test_sims_and_runs_together_is_an_error(two_runs, tmp_path, capsys):
     assert main(["evaluate", str(two_runs[0]), "--sims", str(tmp_path / "s.npy")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_average_views_keeps_the_length_and_the_direction_of_the_mean():
+    import torch
+
+    from selfalign.evaluate.runner import average_views
+
+    a = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    mean = average_views(a, b)
+    torch.testing.assert_close(mean.norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(mean, torch.nn.functional.normalize(a + b, dim=-1))
+    torch.testing.assert_close(average_views(3 * a, 3 * a), 3 * a)

@@ -220,3 +220,43 @@ def test_changed_captions_are_rewritten(tmp_path, backbone):
     assert not extract_split(split, tmp_path / "feat", "train", "grid", image_size=SIZE, backbone=backbone,
                              progress=False)["cached"]  # fmt: skip
     assert load_feature_split(tmp_path / "feat", "train").captions[7] == "a corrected caption"
+
+
+def test_mirrored_copy_is_the_mirrored_images_with_mirrored_boxes(tmp_path, backbone):
+    from PIL import ImageOps
+
+    from selfalign.data.precomp import load_mirror_split
+
+    split, feat = _make_split(tmp_path / "data"), tmp_path / "feat"
+    extract_split(split, feat, "train", "boxes", image_size=SIZE, backbone=backbone, progress=False)
+    extract_split(split, feat, "train_mirror", "boxes", image_size=SIZE, backbone=backbone, progress=False,
+                  mirror=True)  # fmt: skip
+    original = load_feature_split(feat, "train")
+    mirrored = load_mirror_split(feat, "train", original)
+    flipped = [ImageOps.mirror(Image.open(p).convert("RGB")) for p in split.image_paths]
+    flipped_boxes = [np.stack([im.width - b[:, 2], b[:, 1], im.width - b[:, 0], b[:, 3]], 1) if len(b) else b
+                     for im, b in zip(flipped, split.boxes)]  # fmt: skip
+    feats, n_regions, boxes = extract_images(flipped, backbone, "boxes", SIZE, boxes=flipped_boxes)
+    np.testing.assert_array_equal(mirrored.images, feats)
+    np.testing.assert_array_equal(mirrored.n_regions, original.n_regions)
+    np.testing.assert_allclose(mirrored.boxes[2, 1], [0.5, 0, 1, 0.5], atol=1e-6)  # was [0, 0, 0.5, 0.5]
+    assert not np.array_equal(mirrored.images, original.images)
+    # both copies are cached side by side, each under its own entry
+    assert extract_split(split, feat, "train", "boxes", image_size=SIZE, backbone=backbone, progress=False)["cached"]
+    again = extract_split(split, feat, "train_mirror", "boxes", image_size=SIZE, backbone=backbone, progress=False,
+                          mirror=True)  # fmt: skip
+    assert again["cached"] and read_meta(feat)["splits"]["train_mirror"]["mirrored"] is True
+
+
+def test_mirror_split_errors_name_the_fix(tmp_path, backbone):
+    from selfalign.data.precomp import load_mirror_split, write_feature_split
+
+    split, feat = _make_split(tmp_path / "data", n=2), tmp_path / "feat"
+    extract_split(split, feat, "train", "grid", image_size=SIZE, backbone=backbone, progress=False)
+    original = load_feature_split(feat, "train")
+    with pytest.raises(InputError, match=r"--split train --mirror"):
+        load_mirror_split(feat, "train", original)
+    write_feature_split(feat, "train_mirror", np.asarray(original.images), original.captions[::-1],
+                        original.image_ids)  # fmt: skip
+    with pytest.raises(InputError, match="same order"):
+        load_mirror_split(feat, "train", original)

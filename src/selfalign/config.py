@@ -36,6 +36,11 @@ class DataConfig:
     test_split: str = "test"
     dev_max_images: int = 1000  # validation uses at most this many dev images (VSE∞ truncates to 1K)
     region_dropout: float = 0.2  # VSE∞ size augmentation: drop this fraction of regions in training
+    # Left-right flips, from the store's mirrored copies ({split}_mirror, `selfalign extract --mirror`): in training
+    # each pair's image is its mirrored copy with probability 1/2; in evaluation (and in an index) an image's
+    # embedding is the mean of its own and its mirrored copy's.
+    mirror_train: bool = False
+    mirror_test: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ class RegionStore:
     def __len__(self) -> int:
         return len(self.mask)
 
+    @property
+    def width(self) -> int:
+        """R, the padded number of regions per image."""
+        return int(self.mask.shape[1])
+
     def get(self, indices: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices)
         if self.in_memory:
@@ -33,6 +38,41 @@ class RegionStore:
             regions = regions.pin_memory()
         non_blocking = self.pin_memory
         return regions.to(device, non_blocking=non_blocking).float(), mask.to(device, non_blocking=non_blocking)
+
+
+def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad dim 1 (regions) of ``[B, R, ...]`` to ``width``."""
+    pad = [0, 0] * (x.dim() - 2) + [0, width - x.shape[1]]
+    return torch.nn.functional.pad(x, pad) if width > x.shape[1] else x
+
+
+def view_masks(store: RegionStore, mirror: RegionStore | None, indices: np.ndarray,
+               flip: torch.Tensor | None) -> torch.Tensor:
+    """Region masks ``[B, R]`` of images ``indices``, from the mirrored copy where ``flip [B]`` is True (CPU)."""
+    idx = torch.from_numpy(np.asarray(indices))
+    if mirror is None or flip is None:
+        return store.mask[idx]
+    width = max(store.width, mirror.width)
+    return torch.where(flip[:, None], _widen(mirror.mask[idx], width), _widen(store.mask[idx], width))
+
+
+def view_regions(store: RegionStore, mirror: RegionStore | None, indices: np.ndarray, flip: torch.Tensor | None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Regions ``[B, R, D]`` of images ``indices``, each from the mirrored copy where ``flip [B]`` is True."""
+    if mirror is None or flip is None or not bool(flip.any()):
+        regions = store.get(indices, device)[0]
+        return _widen(regions, mirror.width) if mirror is not None else regions
+    idx, chosen = np.asarray(indices), flip.cpu().numpy()
+    width = max(store.width, mirror.width)
+    parts = [(np.flatnonzero(~chosen), store), (np.flatnonzero(chosen), mirror)]
+    out = None
+    for rows, source in parts:
+        if len(rows):
+            regions = _widen(source.get(idx[rows], device)[0], width)
+            if out is None:
+                out = regions.new_zeros((len(idx), width, regions.shape[-1]))
+            out[torch.from_numpy(rows).to(out.device)] = regions
+    return out
 
 
 def drop_regions(mask: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,8 @@ FEAT/{split}_ids.txt        N image ids (SCAN releases: sometimes one per captio
 FEAT/{split}_boxes.npy      optional [N, R, 4] float32 x1,y1,x2,y2 normalised to [0, 1]
 FEAT/{split}_nregions.npy   optional [N] int32 valid regions per image (the rest is zero padding)
 FEAT/meta.json              extraction settings
+FEAT/{split}_mirror_*       optional: the same split with every image mirrored left-right (``--mirror``), for
+                            flip augmentation in training and test-time averaging (``data.mirror_train/test``)
 ```
 Every file is written atomically; readers memory-map the features so a store larger than RAM still trains.
 """
@@ -185,6 +187,27 @@ def load_feature_split(feat_dir: str | os.PathLike, split: str, mmap: bool = Tru
             raise InputError(f"{files['nregions']}: image {i} has {int(n_regions[i])} regions (must be 1..{r})")
         n_regions = n_regions.astype(np.int64)
     return FeatureSplit(images=images, captions=captions, image_ids=image_ids, boxes=boxes, n_regions=n_regions)
+
+
+def mirror_split_name(split: str) -> str:
+    """The store's name for ``split`` with every image mirrored left-right."""
+    return f"{split}_mirror"
+
+
+def load_mirror_split(feat_dir: str | os.PathLike, split: str, original: FeatureSplit) -> FeatureSplit:
+    """The mirrored copy of ``split``, checked to hold the same images and captions as ``original`` in its order."""
+    name = mirror_split_name(split)
+    if not split_files(feat_dir, name)["ims"].exists():
+        raise InputError(f"{feat_dir}: no mirrored copy of split '{split}' ({name}_ims.npy); create it with "
+                         f"`selfalign extract ... --split {split} --mirror` or turn data.mirror_train/test off")
+    mirrored = load_feature_split(feat_dir, name)
+    if mirrored.image_ids != original.image_ids or mirrored.captions != original.captions:
+        raise InputError(f"{feat_dir}: split '{name}' does not hold the images and captions of '{split}' in the "
+                         f"same order; extract it again with --mirror")
+    if mirrored.feature_dim != original.feature_dim:
+        raise InputError(f"{feat_dir}: split '{name}' has {mirrored.feature_dim}-d features, '{split}' "
+                         f"{original.feature_dim}-d")
+    return mirrored
 
 
 def check_finite(split: FeatureSplit, chunk: int = 1024) -> None:

@@ -81,9 +81,20 @@ def encode_captions(model: RetrievalModel, captions: list[str], batch_size: int 
     return _encode_captions(model, captions, batch_size, False)[0]
 
 
+def average_views(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two embeddings of the same images ``[N, E]`` (an image and its mirrored copy) -> ``[N, E]``: the direction
+    of their mean at the mean of their lengths, so a unit embedding stays a unit embedding."""
+    mean = (a + b) / 2
+    length = (a.norm(dim=-1, keepdim=True) + b.norm(dim=-1, keepdim=True)) / 2
+    return mean * (length / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
 def encode_split(model: RetrievalModel, split, max_images: int = 0, batch_size: int = 256,
-                 with_locals: bool | None = None) -> SplitEmbeddings:
+                 with_locals: bool | None = None, mirror=None) -> SplitEmbeddings:
     """Encode the first ``max_images`` images (0: all) of a FeatureSplit and their 5 captions each.
+
+    ``mirror``: the split's mirrored copy (same images, flipped left-right); each image's embedding is then
+    :func:`average_views` of its two (not for cross-attention scoring, which keeps the originals' locals).
 
     The locals are kept too (``SplitEmbeddings.locals``, encoded once per image and caption, so scoring never
     re-encodes) when ``with_locals`` is true; by default exactly for a cross-attention model
@@ -96,6 +107,9 @@ def encode_split(model: RetrievalModel, split, max_images: int = 0, batch_size: 
     scan = model.model_cfg.similarity == "scan" if with_locals is None else with_locals
     store = RegionStore(split.images[:n], split.region_mask()[:n])
     images, img_locals = _encode_images(model, store, batch_size, scan)
+    if mirror is not None:
+        flipped = RegionStore(mirror.images[:n], mirror.region_mask()[:n])
+        images = average_views(images, _encode_images(model, flipped, batch_size, False)[0])
     captions, cap_locals = _encode_captions(model, list(split.captions[: 5 * n]), batch_size, scan)
     locals_ = None
     if scan:

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from selfalign import distributed as D
 from selfalign.config import RunConfig
-from selfalign.data.batches import RegionStore, drop_regions, epoch_batches
-from selfalign.data.precomp import check_finite, load_feature_split
+from selfalign.data.batches import RegionStore, drop_regions, epoch_batches, view_masks, view_regions
+from selfalign.data.precomp import check_finite, load_feature_split, load_mirror_split, mirror_split_name
 from selfalign.data.text import TokenBatch, Vocabulary
 from selfalign.errors import InputError, SelfAlignError
 from selfalign.evaluate.runner import encode_split, score_embeddings
@@ -120,7 +120,7 @@ def _rows(tokens: TokenBatch, idx: np.ndarray) -> TokenBatch:
 
 def step_losses(model, cfg: RunConfig, store: RegionStore, tokens: TokenBatch, batch: np.ndarray, rank: int,
                 world_size: int, device: torch.device, generator: torch.Generator, hardest: bool,
-                use_amp: bool = False, word_weight: torch.Tensor | None = None
+                use_amp: bool = False, word_weight: torch.Tensor | None = None, mirror: RegionStore | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's share of the loss of the global ``batch`` (pair indices ``[B]``; pair p = caption p of image p//5).
 
@@ -128,15 +128,17 @@ def step_losses(model, cfg: RunConfig, store: RegionStore, tokens: TokenBatch, b
     is the one-process loss of the whole batch; ``parts`` are its pieces (rank, lca, cra), also shares of the total.
     The ranking loss and LCA's Sinkhorn codes are exactly global; CRA's negatives are the rank's own pairs.
     ``word_weight [n_pairs, L]`` (optional, CPU) restricts LCA to some words of every caption (``align.lca_words``).
+    ``mirror``: the mirrored copies of the store's images; each pair then takes its image from it with probability 1/2.
     """
     sizes = D.shard_sizes(len(batch), world_size)
     mine = batch[rank::world_size]
     offset = sum(sizes[:rank])
     gathered_order = np.concatenate([batch[r::world_size] for r in range(world_size)])
-    # region dropout is drawn for the whole batch, so any number of ranks sees the same masks
-    mask = drop_regions(store.mask[torch.from_numpy(batch // 5)], cfg.data.region_dropout, generator)
+    # flips and region dropout are drawn for the whole batch, so any number of ranks sees the same images and masks
+    flip = torch.rand(len(batch), generator=generator) < 0.5 if mirror is not None else None
+    mask = drop_regions(view_masks(store, mirror, batch // 5, flip), cfg.data.region_dropout, generator)
     mask = mask[rank::world_size].to(device)
-    regions, _ = store.get(mine // 5, device)
+    regions = view_regions(store, mirror, mine // 5, flip[rank::world_size] if flip is not None else None, device)
     text_tokens = _rows(tokens, mine).to(device)
     if word_weight is not None:
         word_weight = word_weight[torch.from_numpy(mine), : text_tokens.ids.shape[1]].to(device)
@@ -201,24 +203,30 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, run_dir: 
 
 
 def _load_data(cfg: RunConfig):
+    """The train and dev splits, checked; and their mirrored copies where ``data.mirror_train/test`` ask (or None)."""
     train_split = load_feature_split(cfg.data.features, cfg.data.train_split)
     dev_split = load_feature_split(cfg.data.features, cfg.data.dev_split)
+    features = cfg.data.features
+    train_mirror = load_mirror_split(features, cfg.data.train_split, train_split) if cfg.data.mirror_train else None
+    dev_mirror = load_mirror_split(features, cfg.data.dev_split, dev_split) if cfg.data.mirror_test else None
     if train_split.images.shape[-1] != cfg.model.image_dim:
         raise InputError(f"{cfg.data.features}: region features are {train_split.images.shape[-1]}-d but "
                          f"model.image_dim is {cfg.model.image_dim}")
-    for name, split in ((cfg.data.train_split, train_split), (cfg.data.dev_split, dev_split)):
+    checked = [(cfg.data.train_split, train_split), (cfg.data.dev_split, dev_split),
+               (mirror_split_name(cfg.data.train_split), train_mirror), (mirror_split_name(cfg.data.dev_split), dev_mirror)]
+    for name, split in ((name, split) for name, split in checked if split is not None):
         try:
             check_finite(split)  # one chunked pass: a NaN feature would otherwise surface as a diverged loss
         except InputError as exc:
             raise InputError(f"{cfg.data.features}, split '{name}': {exc}") from None
-    return train_split, dev_split
+    return train_split, dev_split, train_mirror, dev_mirror
 
 
 def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_after_steps: int,
            world: D.World) -> Path:
     device = world.device
     seed_everything(cfg.train.seed)
-    train_split, dev_split = _load_data(cfg)
+    train_split, dev_split, train_mirror, dev_mirror = _load_data(cfg)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     vocab = None
@@ -226,6 +234,9 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_aft
         vocab = Vocabulary.load(run_dir / "vocab.json") if resume else Vocabulary.build(list(train_split.captions))
     model = build_model(cfg, vocab).to(device)
     store = RegionStore(train_split.images, train_split.region_mask(), pin_memory=device.type == "cuda")
+    mirror = None
+    if train_mirror is not None:
+        mirror = RegionStore(train_mirror.images, train_mirror.region_mask(), pin_memory=device.type == "cuda")
     if not resume and cfg.align.codebook_init == "data" and model.align is not None and model.align.lca is not None:
         init_codebook_from_regions(model, store, cfg.train.seed, device)
     prepare_model(model, world)  # after the codebook init: every rank starts from rank 0's codebook
@@ -264,7 +275,7 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_aft
             for step in range(first_step, len(batches)):
                 generator.manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
                 local, parts = step_losses(model, cfg, store, all_tokens, batches[step], world.rank, world.size,
-                                           device, generator, hardest, use_amp, word_weight)
+                                           device, generator, hardest, use_amp, word_weight, mirror)
                 totals = D.all_reduce_sum(torch.stack([v.detach() for v in parts.values()])).tolist()
                 losses = dict(zip(parts, totals))
                 loss = sum(totals)
@@ -301,7 +312,8 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_aft
             row.update({f"loss_{k}": round(v / done, 5) for k, v in sums.items()})
             if (epoch + 1) % cfg.train.validate_every_epochs == 0 or epoch + 1 == cfg.train.epochs:
                 if world.is_main:  # the others wait at the barrier
-                    metrics = score_embeddings(encode_split(model, dev_split, cfg.data.dev_max_images))
+                    metrics = score_embeddings(encode_split(model, dev_split, cfg.data.dev_max_images,
+                                                            mirror=dev_mirror))
                     row.update({f"dev_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
                     if metrics["rsum"] > state.best_rsum:
                         state.best_rsum = metrics["rsum"]

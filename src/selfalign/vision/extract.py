@@ -28,19 +28,21 @@ from selfalign.errors import InputError
 from selfalign.vision.backbone import BACKBONE_NAME, FEATURE_DIM, INPUT_SCALING, load_backbone
 from selfalign.vision.detector import Detector
 from selfalign.vision.regions import (
-    REGION_KINDS, ROI_OUTPUT, ROI_SAMPLING, batch_regions, check_settings, extract_images, load_image, pad_regions,
+    REGION_KINDS, ROI_OUTPUT, ROI_SAMPLING, batch_regions, check_settings, extract_images, load_image, mirror_image,
+    pad_regions,
 )  # fmt: skip
 
 __all__ = ["REGION_KINDS", "extract_images", "extract_split", "load_image"]
 
 
-def _fingerprint(split: CaptionedSplit, regions: str) -> str:
-    """A hash of the split's inputs: ids, captions, file names, sizes and times, and boxes if they are the regions.
+def _fingerprint(split: CaptionedSplit, regions: str, mirror: bool = False) -> str:
+    """A hash of the split's inputs: ids, captions, file names, sizes and times, boxes if they are the regions, and
+    whether the images are mirrored.
 
     File names rather than full paths, so that moving the dataset folder keeps the cache; sizes and modification
     times, so that regenerating images under the same names does not.
     """
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(b"mirrored\n" if mirror else b"")
     for image_id, path in zip(split.image_ids, split.image_paths):
         try:
             stat = os.stat(path)
@@ -83,8 +85,10 @@ def _compute_chunk(
     batch_size: int,
     skip_bad: bool,
     bar: tqdm,
+    mirror: bool = False,
 ) -> dict:
-    """Features of the images ``indices`` (a chunk); unreadable images get a zero row and ``ok=False``."""
+    """Features of the images ``indices`` (a chunk), mirrored left-right if ``mirror``; unreadable images get a zero
+    row and ``ok=False``."""
     placeholder = (np.zeros((1, FEATURE_DIM), np.float32), np.zeros((1, 4), np.float32))
     results = [placeholder] * len(indices)
     ok = np.ones(len(indices), dtype=bool)
@@ -93,14 +97,18 @@ def _compute_chunk(
         for k in range(start, min(start + batch_size, len(indices))):
             i = indices[k]
             try:
-                images.append(load_image(split.image_paths[i]))
+                image = load_image(split.image_paths[i])
             except InputError:
                 if not skip_bad:
                     raise
                 ok[k] = False
                 continue
+            boxes = split.boxes[i] if settings["regions"] == "boxes" else None
+            if mirror:
+                image, boxes = mirror_image(image, boxes)
             slots.append(k)
-            pixel_boxes.append(split.boxes[i] if settings["regions"] == "boxes" else None)
+            images.append(image)
+            pixel_boxes.append(boxes)
         if images:
             out = batch_regions(
                 backbone, images, settings["regions"], settings["image_size"], device, detector, pixel_boxes,
@@ -160,9 +168,12 @@ def extract_split(
     skip_bad: bool = False,
     backbone: torch.nn.Module | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    mirror: bool = False,
 ) -> dict:
     """Extract one split into the store at ``out_dir`` (``{split_name}_ims.npy`` ``[N, R, 1280]`` float16, ...).
 
+    ``mirror``: extract every image mirrored left-right (boxes mirrored with it; the detector runs on the mirrored
+    image) — the store's ``{split}_mirror`` copy, see :func:`selfalign.data.precomp.mirror_split_name`.
     Resumes from finished chunks; returns at once when the store already holds this split with these settings.
     ``skip_bad``: leave out unreadable images (and their captions) instead of failing; they are counted in the result.
     ``backbone``: reuse an already loaded network; ``on_chunk(i)`` is called after chunk ``i`` is saved.
@@ -184,7 +195,7 @@ def extract_split(
         "roi_align": {"output_size": list(ROI_OUTPUT), "sampling_ratio": ROI_SAMPLING} if regions != "grid" else None,
         "detector": detector.describe() if regions == "detector" else None,
     }
-    fingerprint = _fingerprint(split, regions)
+    fingerprint = _fingerprint(split, regions, mirror)
     total = len(split.image_ids)
     meta = read_meta(out_dir)
     entry = meta.get("splits", {}).get(split_name)
@@ -199,7 +210,8 @@ def extract_split(
                 "images_per_s": 0.0, "cached": True}  # fmt: skip
 
     partial = out_dir / ".partial" / split_name
-    job = {"settings": settings, "fingerprint": fingerprint, "chunk_size": chunk_size, "skip_bad": skip_bad}
+    job = {"settings": settings, "fingerprint": fingerprint, "chunk_size": chunk_size, "skip_bad": skip_bad,
+           "mirror": mirror}
     job_file = partial / "job.json"
     if partial.exists() and _read_job(job_file) != job:
         shutil.rmtree(partial)  # chunks of another configuration or dataset: useless here
@@ -217,7 +229,8 @@ def extract_split(
     with torch.inference_mode(), bar:
         for c in todo:
             indices = range(c * chunk_size, min(total, (c + 1) * chunk_size))
-            chunk = _compute_chunk(split, indices, settings, backbone, device, detector, batch_size, skip_bad, bar)
+            chunk = _compute_chunk(split, indices, settings, backbone, device, detector, batch_size, skip_bad, bar,
+                                   mirror)
             with atomic_path(paths[c]) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, **chunk)
             if on_chunk is not None:
@@ -237,7 +250,7 @@ def extract_split(
     width, skipped_files = _assemble(split, out_dir, split_name, paths, partial)
     kept = total - len(skipped_files)
     entry = {"images": kept, "captions": 5 * kept, "regions": width, "skipped": len(skipped_files),
-             "skipped_files": skipped_files, "fingerprint": fingerprint}  # fmt: skip
+             "skipped_files": skipped_files, "fingerprint": fingerprint, "mirrored": mirror}  # fmt: skip
     meta["splits"][split_name] = entry
     write_meta(out_dir, meta)
     shutil.rmtree(partial)

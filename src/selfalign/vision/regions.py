@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from selfalign.errors import ConfigError, InputError
 from selfalign.vision.backbone import FEATURE_DIM, check_image_size, feature_map, preprocess, to_rgb
@@ -56,6 +56,14 @@ def _grid_boxes(cells: int) -> np.ndarray:
     rows, cols = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
     rows, cols = rows.ravel(), cols.ravel()
     return np.stack([edges[cols], edges[rows], edges[cols + 1], edges[rows + 1]], axis=1)
+
+
+def mirror_image(image: Image.Image, boxes: np.ndarray | None) -> tuple[Image.Image, np.ndarray | None]:
+    """The image mirrored left-right, and its pixel boxes ``[n, 4]`` (x1,y1,x2,y2) mirrored with it."""
+    if boxes is not None:
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        boxes = np.stack([image.width - boxes[:, 2], boxes[:, 1], image.width - boxes[:, 0], boxes[:, 3]], axis=1)
+    return ImageOps.mirror(image), boxes
 
 
 def _normalised(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
