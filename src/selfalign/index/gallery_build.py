@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def _write_regions(path: Path, old: np.ndarray | None, new: NewImages,
         block = np.asarray(old[start : start + ENCODE_BATCH])
         out[start : start + len(block), : block.shape[1]] = block
     row, boxes, counts = old_n, [], []
-    for feats, n_regions, box in new.blocks():
+    for feats, n_regions, box, _ in new.blocks():
         b, r = len(feats), min(feats.shape[1], width)
         out[row : row + b, :r] = feats[:, :r]
         for j in range(b):
@@ -103,19 +103,34 @@ def _write_regions(path: Path, old: np.ndarray | None, new: NewImages,
     return boxes, np.concatenate(counts) if counts else np.zeros(0, np.int32)
 
 
-def _encode_new(model: Any, regions_path: Path, start: int, counts: np.ndarray) -> np.ndarray:
-    """Embeddings ``[M, E]`` of rows ``start..`` of the written ``regions.npy``."""
+def _encode_blocks(model: Any, blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Embeddings ``[M, E]`` of blocks of (region features ``[b, R, D]``, valid counts ``[b]``), in order."""
     import torch
 
-    regions = np.load(regions_path, mmap_mode="r")
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(counts), ENCODE_BATCH):
-            feats = torch.from_numpy(np.asarray(regions[start + s : start + s + ENCODE_BATCH], dtype=np.float32))
-            n = torch.from_numpy(np.asarray(counts[s : s + ENCODE_BATCH], dtype=np.int64))
-            mask = torch.arange(feats.shape[1])[None, :] < n[:, None]
-            out.append(model.encode_image(feats.to(model.device), mask.to(model.device)).embedding.float().cpu())
+    from selfalign.data.batches import RegionStore
+    from selfalign.evaluate.runner import encode_images
+
+    out = [encode_images(model, RegionStore(feats, np.arange(feats.shape[1])[None, :] < np.asarray(counts)[:, None]),
+                         ENCODE_BATCH) for feats, counts in blocks]
     return torch.cat(out).numpy()
+
+
+def _encode_new(model: Any, regions_path: Path, start: int, counts: np.ndarray, new: NewImages,
+                mirror: bool) -> np.ndarray:
+    """Embeddings ``[M, E]`` of rows ``start..`` of the written ``regions.npy``; with ``mirror``, each averaged
+    with the embedding of the image's mirrored copy (from ``new``'s blocks)."""
+    import torch
+
+    from selfalign.evaluate.runner import average_views
+
+    regions = np.load(regions_path, mmap_mode="r")
+    rows = ((regions[start + s : start + s + ENCODE_BATCH], counts[s : s + ENCODE_BATCH])
+            for s in range(0, len(counts), ENCODE_BATCH))
+    embeddings = _encode_blocks(model, rows)
+    if not mirror:
+        return embeddings
+    mirrored = _encode_blocks(model, (m for *_, m in new.blocks()))
+    return average_views(torch.from_numpy(embeddings), torch.from_numpy(mirrored)).numpy()
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:
@@ -218,7 +233,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
     try:
         old_regions = np.load(out / REGIONS, mmap_mode="r") if add else None
         boxes, counts = _write_regions(tmp / REGIONS, old_regions, new, cfg.model.image_dim)
-        embeddings = _encode_new(model, tmp / REGIONS, len(old_images), counts)
+        embeddings = _encode_new(model, tmp / REGIONS, len(old_images), counts, new, plan.mirror)
         next_id = int(old_manifest.get("next_id", len(old_images))) if add else 0
         _, start = _append_vectors(out / IMAGE_VECTORS if add else None, backend, kind, uri, "images", embeddings,
                                    next_id, tmp / IMAGE_VECTORS)

@@ -7,6 +7,9 @@ arrive later — a plain folder, an uploaded query — must get regions of the s
 * ``detector`` -> YOLOX-Nano boxes (``data.detector_path``);
 * ``boxes``    -> a new image has no ground-truth boxes: detector boxes if ``data.detector_path`` is configured,
   else the whole image plus grid cells — with a warning, since those regions differ from training.
+
+A run evaluated with ``data.mirror_test`` embeds every image as the mean of its own and its mirrored copy's
+embedding; the plan's ``mirror`` makes a gallery (and an image query) do the same.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class RegionPlan:
     detector_path: str = ""
     detector_top_k: int = 20
     warning: str = ""
+    mirror: bool = False  # also embed each image mirrored left-right and average the two (data.mirror_test)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,7 +56,8 @@ class RegionPlan:
     def cache_key(self) -> str:
         """What changes the features of an image (for the extraction cache)."""
         detector = (Path(self.detector_path).name, self.detector_top_k) if self.mode == "detector" else None
-        return repr((self.mode, self.image_size, self.max_regions, detector))
+        key = (self.mode, self.image_size, self.max_regions, detector) + (("mirror",) if self.mirror else ())
+        return repr(key)
 
 
 def plan_regions(cfg: RunConfig) -> RegionPlan:
@@ -67,7 +72,7 @@ def plan_regions(cfg: RunConfig) -> RegionPlan:
     size = int(meta.get("image_size") or cfg.data.image_size)
     max_regions = meta.get("max_regions")
     base = {"trained": trained, "image_size": size, "max_regions": max_regions,
-            "detector_top_k": cfg.data.detector_top_k}
+            "detector_top_k": cfg.data.detector_top_k, "mirror": cfg.data.mirror_test}
     if trained == "grid":
         return RegionPlan(mode="grid", **base)
     detector = cfg.data.detector_path
@@ -99,13 +104,19 @@ class RegionExtractor:
 
             self.detector = Detector(plan.detector_path, top_k=plan.detector_top_k)
 
-    def extract(self, images: list[Image.Image], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def extract(self, images: list[Image.Image], batch_size: int = 16,
+                mirrored: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """RGB images -> (features ``[B, R, D]`` float16, n_regions ``[B]`` int32, boxes ``[B, R, 4]`` normalised).
+
+        ``mirrored``: of the images mirrored left-right (boxes in the mirrored frame).
 
         No lock: the backbone runs under ``torch.inference_mode`` (no state changes) and onnxruntime's
         ``InferenceSession.run`` is documented as thread-safe.
         """
         from selfalign.vision.extract import extract_images
+        from selfalign.vision.regions import mirror_image
 
+        if mirrored:
+            images = [mirror_image(image, None)[0] for image in images]
         return extract_images(images, self.backbone, self.plan.mode, self.plan.image_size, self.device,
                               detector=self.detector, max_regions=self.plan.max_regions, batch_size=batch_size)

@@ -22,7 +22,9 @@ from selfalign.errors import InputError
 from selfalign.index.gallery_regions import RegionExtractor, RegionPlan
 
 CHUNK = 64  # images per cached extraction chunk
-Block = tuple[np.ndarray, np.ndarray, np.ndarray]  # features [b, r, D] f16, n_regions [b], boxes [b, r, 4]
+# features [b, r, D] f16, n_regions [b], boxes [b, r, 4], and for a mirroring plan the mirrored copies'
+# (features [b, r', D], n_regions [b]), else None
+Block = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]
 
 
 @dataclass
@@ -65,20 +67,38 @@ def _chunk_key(plan: RegionPlan, files: list[Path]) -> str:
     return digest.hexdigest()[:24]
 
 
-def _read_chunk(path: Path, size: int) -> dict | None:
+MIRROR_KEYS = ("mirror_feats", "mirror_n_regions")
+
+
+def _read_chunk(path: Path, size: int, mirror: bool) -> dict | None:
+    keys = ("feats", "n_regions", "boxes", "ok", "reasons") + (MIRROR_KEYS if mirror else ())
     try:
         with np.load(path, allow_pickle=False) as data:
-            chunk = {key: data[key] for key in ("feats", "n_regions", "boxes", "ok", "reasons")}
+            chunk = {key: data[key] for key in keys}
     except (OSError, ValueError, KeyError, EOFError):
         return None
     return chunk if len(chunk["ok"]) == size else None
 
 
+def _padded(per_image: list[tuple[np.ndarray, np.ndarray]], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image (features ``[n_i, D]``, boxes ``[n_i, 4]``) -> padded ``[B, R, D]``, counts ``[B]``, ``[B, R, 4]``."""
+    width = max((len(f) for f, _ in per_image), default=1)
+    out_feats = np.zeros((len(per_image), width, dim), dtype=np.float16)
+    out_boxes = np.zeros((len(per_image), width, 4), dtype=np.float32)
+    counts = np.zeros(len(per_image), dtype=np.int32)
+    for j, (f, b) in enumerate(per_image):
+        out_feats[j, : len(f)], out_boxes[j, : len(b)], counts[j] = f, b, len(f)
+    return out_feats, counts, out_boxes
+
+
 def _extract_chunk(files: list[Path], extractor: RegionExtractor, batch_size: int) -> dict:
-    """Features of ``files``; unreadable ones get ``ok=False`` and their reason (decoded per batch, not all at once)."""
+    """Features of ``files`` (and of their mirrored copies for a mirroring plan); unreadable ones get ``ok=False``
+    and their reason (decoded per batch, not all at once)."""
     from selfalign.vision.extract import load_image
 
+    mirror = extractor.plan.mirror
     per_image: list[tuple[np.ndarray, np.ndarray]] = []
+    per_mirror: list[tuple[np.ndarray, np.ndarray]] = []
     ok = np.ones(len(files), dtype=bool)
     reasons = [""] * len(files)
     dim = 1
@@ -90,17 +110,17 @@ def _extract_chunk(files: list[Path], extractor: RegionExtractor, batch_size: in
                 slots.append(i)
             except InputError as exc:
                 ok[i], reasons[i] = False, str(exc)
-        feats, counts, boxes = extractor.extract(images, batch_size) if images else (None, None, None)
-        for j, i in enumerate(slots):
-            per_image.append((feats[j, : counts[j]], boxes[j, : counts[j]]))
+        if not images:
+            continue
+        for target, flipped in ((per_image, False), (per_mirror, True))[: 2 if mirror else 1]:
+            feats, counts, boxes = extractor.extract(images, batch_size, mirrored=flipped)
+            target += [(feats[j, : counts[j]], boxes[j, : counts[j]]) for j in range(len(slots))]
             dim = feats.shape[-1]
-    width = max((len(f) for f, _ in per_image), default=1)
-    out_feats = np.zeros((len(per_image), width, dim), dtype=np.float16)
-    out_boxes = np.zeros((len(per_image), width, 4), dtype=np.float32)
-    counts = np.zeros(len(per_image), dtype=np.int32)
-    for j, (f, b) in enumerate(per_image):
-        out_feats[j, : len(f)], out_boxes[j, : len(b)], counts[j] = f, b, len(f)
-    return {"feats": out_feats, "n_regions": counts, "boxes": out_boxes, "ok": ok, "reasons": np.array(reasons)}
+    out_feats, counts, out_boxes = _padded(per_image, dim)
+    chunk = {"feats": out_feats, "n_regions": counts, "boxes": out_boxes, "ok": ok, "reasons": np.array(reasons)}
+    if mirror:
+        chunk["mirror_feats"], chunk["mirror_n_regions"], _ = _padded(per_mirror, dim)
+    return chunk
 
 
 def folder_source(folder: Path, known: set[str], plan: RegionPlan, extractor: Callable[[], RegionExtractor],
@@ -121,7 +141,7 @@ def folder_source(folder: Path, known: set[str], plan: RegionPlan, extractor: Ca
     for start in range(0, len(fresh), CHUNK):
         part = fresh[start : start + CHUNK]
         path = cache / f"chunk-{_chunk_key(plan, part)}.npz"
-        chunk = _read_chunk(path, len(part))
+        chunk = _read_chunk(path, len(part), plan.mirror)
         if chunk is None:
             chunk = _extract_chunk(part, extractor(), batch_size)
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -145,7 +165,8 @@ def folder_source(folder: Path, known: set[str], plan: RegionPlan, extractor: Ca
         for path, part in used:
             with np.load(path, allow_pickle=False) as data:
                 if len(data["n_regions"]):
-                    yield data["feats"], data["n_regions"], data["boxes"]
+                    mirrored = (data["mirror_feats"], data["mirror_n_regions"]) if plan.mirror else None
+                    yield data["feats"], data["n_regions"], data["boxes"], mirrored
 
     ids = [f.relative_to(base).as_posix() if f.is_relative_to(base) else f.name for f in kept_files]
     return NewImages(ids, [str(f) for f in kept_files], None, width, blocks, skipped, len(files) - len(fresh))
@@ -191,8 +212,11 @@ def _run_store(cfg: RunConfig, root: Path, split: str, ids: set[str]):
 
 def dataset_source(cfg: RunConfig, dataset: str, root: Path, split: str, known: set[str], plan: RegionPlan,
                    cache: Path, device: str, batch_size: int = 16, progress: bool = True) -> NewImages:
-    """Images + captions of a dataset split; features from the run's store when it has the split, else extracted."""
-    from selfalign.data.precomp import load_feature_split
+    """Images + captions of a dataset split; features from the run's store when it has the split, else extracted.
+
+    A mirroring plan also reads the mirrored copies: the store's ``{split}_mirror`` when it is there, else extracted.
+    """
+    from selfalign.data.precomp import load_feature_split, load_mirror_split, mirror_split_name, split_files
     from selfalign.vision.extract import extract_split
 
     captioned = load_captioned(dataset, root, split, cfg.data.karpathy_json)
@@ -200,7 +224,8 @@ def dataset_source(cfg: RunConfig, dataset: str, root: Path, split: str, known: 
     warnings: list[str] = []
     skipped: list[tuple[str, str]] = []
     store = _run_store(cfg, root, split, set(index))
-    if store is None:
+    store_dir, name = Path(cfg.data.features), split
+    if store is None or (plan.mirror and not split_files(store_dir, mirror_split_name(split))["ims"].is_file()):
         regions = plan.trained
         detector = None
         if regions == "boxes" and captioned.boxes is None:
@@ -210,15 +235,18 @@ def dataset_source(cfg: RunConfig, dataset: str, root: Path, split: str, known: 
             from selfalign.vision.detector import Detector
 
             detector = Detector(plan.detector_path, top_k=plan.detector_top_k)
-        name = f"{dataset}_{split}"
-        stats = extract_split(captioned, cache / "dataset", name, regions, device=device, image_size=plan.image_size,
-                              batch_size=batch_size, detector=detector, max_regions=plan.max_regions,
-                              progress=progress, skip_bad=True)
-        skipped = [(path, "cannot read image") for path in stats.get("skipped_files", [])]
-        store = load_feature_split(cache / "dataset", name)
+        store_dir, name = cache / "dataset", f"{dataset}_{split}"
+        for target, mirrored in ((name, False), (mirror_split_name(name), True))[: 2 if plan.mirror else 1]:
+            stats = extract_split(captioned, store_dir, target, regions, device=device, image_size=plan.image_size,
+                                  batch_size=batch_size, detector=detector, max_regions=plan.max_regions,
+                                  progress=progress, skip_bad=True, mirror=mirrored)
+            if not mirrored:
+                skipped = [(path, "cannot read image") for path in stats.get("skipped_files", [])]
+        store = load_feature_split(store_dir, name)
+    mirror_store = load_mirror_split(store_dir, name, store) if plan.mirror else None
     rows = [r for r, image_id in enumerate(store.image_ids) if str(captioned.image_paths[index[image_id]].resolve())
             not in known]
-    n_regions = store.n_regions if store.n_regions is not None else np.full(store.num_images, store.max_regions)
+    n_regions = _counts(store)
     boxes = store.boxes
     width = int(max((n_regions[r] for r in rows), default=1))
 
@@ -231,9 +259,18 @@ def dataset_source(cfg: RunConfig, dataset: str, root: Path, split: str, known: 
             else:  # a store without boxes: only region 0 (the whole image) has a known box
                 box = np.zeros((len(sel), width, 4), np.float32)
                 box[:, 0] = (0.0, 0.0, 1.0, 1.0)
-            yield feats, np.asarray(n_regions[sel], dtype=np.int32), box
+            mirrored = None
+            if mirror_store is not None:
+                mirrored = (np.asarray(mirror_store.images[sel], dtype=np.float16),
+                            np.asarray(_counts(mirror_store)[sel], dtype=np.int32))
+            yield feats, np.asarray(n_regions[sel], dtype=np.int32), box, mirrored
 
     chosen = [index[store.image_ids[r]] for r in rows]
     paths = [str(captioned.image_paths[i].resolve()) for i in chosen]
     return NewImages([captioned.image_ids[i] for i in chosen], paths, [list(captioned.captions[i]) for i in chosen],
                      width, blocks, skipped, store.num_images - len(rows), warnings)
+
+
+def _counts(store) -> np.ndarray:
+    """``[N]`` valid regions per image of a FeatureSplit (all of them when it has no counts)."""
+    return store.n_regions if store.n_regions is not None else np.full(store.num_images, store.max_regions)
