@@ -80,28 +80,17 @@ def _read_chunk(path: Path, size: int, mirror: bool) -> dict | None:
     return chunk if len(chunk["ok"]) == size else None
 
 
-def _padded(per_image: list[tuple[np.ndarray, np.ndarray]], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-image (features ``[n_i, D]``, boxes ``[n_i, 4]``) -> padded ``[B, R, D]``, counts ``[B]``, ``[B, R, 4]``."""
-    width = max((len(f) for f, _ in per_image), default=1)
-    out_feats = np.zeros((len(per_image), width, dim), dtype=np.float16)
-    out_boxes = np.zeros((len(per_image), width, 4), dtype=np.float32)
-    counts = np.zeros(len(per_image), dtype=np.int32)
-    for j, (f, b) in enumerate(per_image):
-        out_feats[j, : len(f)], out_boxes[j, : len(b)], counts[j] = f, b, len(f)
-    return out_feats, counts, out_boxes
-
-
 def _extract_chunk(files: list[Path], extractor: RegionExtractor, batch_size: int) -> dict:
     """Features of ``files`` (and of their mirrored copies for a mirroring plan); unreadable ones get ``ok=False``
     and their reason (decoded per batch, not all at once)."""
     from selfalign.vision.extract import load_image
+    from selfalign.vision.regions import pad_regions
 
     mirror = extractor.plan.mirror
     per_image: list[tuple[np.ndarray, np.ndarray]] = []
     per_mirror: list[tuple[np.ndarray, np.ndarray]] = []
     ok = np.ones(len(files), dtype=bool)
     reasons = [""] * len(files)
-    dim = 1
     for start in range(0, len(files), batch_size):
         images, slots = [], []
         for i in range(start, min(start + batch_size, len(files))):
@@ -115,11 +104,14 @@ def _extract_chunk(files: list[Path], extractor: RegionExtractor, batch_size: in
         for target, flipped in ((per_image, False), (per_mirror, True))[: 2 if mirror else 1]:
             feats, counts, boxes = extractor.extract(images, batch_size, mirrored=flipped)
             target += [(feats[j, : counts[j]], boxes[j, : counts[j]]) for j in range(len(slots))]
-            dim = feats.shape[-1]
-    out_feats, counts, out_boxes = _padded(per_image, dim)
+
+    def padded(per: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return pad_regions(per, max((len(f) for f, _ in per), default=1))
+
+    out_feats, counts, out_boxes = padded(per_image)
     chunk = {"feats": out_feats, "n_regions": counts, "boxes": out_boxes, "ok": ok, "reasons": np.array(reasons)}
     if mirror:
-        chunk["mirror_feats"], chunk["mirror_n_regions"], _ = _padded(per_mirror, dim)
+        chunk["mirror_feats"], chunk["mirror_n_regions"], _ = padded(per_mirror)
     return chunk
 
 
