@@ -1,6 +1,6 @@
 """Issue 4's floor: a linear map from frozen whole-image features to frozen MiniLM sentence vectors.
 
-    python benchmarks/flickr8k_floor.py --features features/flickr8k/grid [--epochs 20] [--seeds 0,1,2]
+    python benchmarks/flickr8k_floor.py --features features/flickr8k/grid [--epochs 20] [--seeds 0,1,2] [--mirror train,test]
 
 No regions, no SelfAlign, no fine-tuning: region 0 of each image (the mean of the EfficientNet-Lite0 feature map,
 1280-d) goes through one linear layer into the 384-d space of all-MiniLM-L6-v2's sentence vectors (masked mean of
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from selfalign import atomic
-from selfalign.data.precomp import load_feature_split
+from selfalign.data.precomp import load_feature_split, load_mirror_split
 from selfalign.evaluate.metrics import retrieval_metrics
 from selfalign.losses import hinge_triplet_loss
 from selfalign.model.gpo import masked_mean
@@ -45,10 +45,20 @@ def sentence_vectors(encoder: MiniLMTextEncoder, captions: list[str], batch: int
     return out
 
 
-def train_probe(images: dict, texts: dict, epochs: int, seed: int, lr: float, batch: int) -> dict:
-    """Fit the linear map; returns the dev curve and the test metrics at the best dev epoch."""
+def train_probe(images: dict, texts: dict, epochs: int, seed: int, lr: float, batch: int,
+                mirrored: dict | None = None, mirror_train: bool = False, mirror_test: bool = False) -> dict:
+    """Fit the linear map; returns the dev curve and the test metrics at the best dev epoch.
+
+    ``mirrored``: the whole-image features of the mirrored images, per split; ``mirror_train`` trains each pair on
+    its image's mirrored copy with probability 1/2, ``mirror_test`` scores the normalised mean of both views.
+    """
     torch.manual_seed(seed)
     probe = torch.nn.Linear(images["train"].shape[1], texts["train"].shape[1])
+
+    def embed(split: str) -> torch.Tensor:
+        out = F.normalize(probe(images[split]), dim=-1)
+        return F.normalize(out + F.normalize(probe(mirrored[split]), dim=-1), dim=-1) if mirror_test else out
+
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
     drop = torch.nn.Dropout(0.2)
     n_pairs = len(texts["train"])
@@ -59,7 +69,10 @@ def train_probe(images: dict, texts: dict, epochs: int, seed: int, lr: float, ba
         for start in range(0, n_pairs - batch + 1, batch):
             pairs = order[start : start + batch]
             image_ids = pairs // 5
-            sims = F.normalize(probe(drop(images["train"][image_ids])), dim=-1) @ F.normalize(
+            x = images["train"][image_ids]
+            if mirror_train:
+                x = torch.where((torch.rand(len(pairs)) < 0.5)[:, None], mirrored["train"][image_ids], x)
+            sims = F.normalize(probe(drop(x)), dim=-1) @ F.normalize(
                 drop(texts["train"][pairs]), dim=-1).T
             loss = hinge_triplet_loss(sims, image_ids, 0.2, hardest=epoch > 0)
             optimizer.zero_grad()
@@ -67,10 +80,10 @@ def train_probe(images: dict, texts: dict, epochs: int, seed: int, lr: float, ba
             optimizer.step()
         probe.eval()
         with torch.no_grad():
-            dev = retrieval_metrics((F.normalize(probe(images["dev"]), dim=-1) @ texts["dev"].T).numpy())
+            dev = retrieval_metrics((embed("dev") @ texts["dev"].T).numpy())
             curve.append(round(dev["rsum"], 2))
             if best is None or dev["rsum"] > best[0]:
-                test = retrieval_metrics((F.normalize(probe(images["test"]), dim=-1) @ texts["test"].T).numpy())
+                test = retrieval_metrics((embed("test") @ texts["test"].T).numpy())
                 best = (dev["rsum"], epoch + 1, test)
     return {"seed": seed, "dev_rsum_per_epoch": curve, "best_epoch": best[1],
             "test": {k: round(best[2][k], 2) for k in KEYS}}
@@ -84,22 +97,30 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mirror", default="", choices=["", "train", "test", "train,test"],
+                        help="use the store's mirrored copies (extract --mirror): flip augmentation in training, "
+                             "the mean of both views in scoring, or both")
     parser.add_argument("--json", type=Path, help="write the results here (atomically)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     encoder = MiniLMTextEncoder(dim=8, trainable_layers=0).eval()
-    images, texts = {}, {}
+    images, texts, mirrored = {}, {}, {}
     for split in ("train", "dev", "test"):
         store = load_feature_split(args.features, split)
         images[split] = torch.from_numpy(np.asarray(store.images[:, 0], dtype=np.float32))
         texts[split] = sentence_vectors(encoder, list(store.captions))
+        if args.mirror:
+            copy = load_mirror_split(args.features, split, store)
+            mirrored[split] = torch.from_numpy(np.asarray(copy.images[:, 0], dtype=np.float32))
     encode_s = time.perf_counter() - started
-    runs = [train_probe(images, texts, args.epochs, int(s), args.lr, args.batch_size) for s in args.seeds.split(",")]
+    modes = args.mirror.split(",")
+    runs = [train_probe(images, texts, args.epochs, int(s), args.lr, args.batch_size, mirrored, "train" in modes,
+                        "test" in modes) for s in args.seeds.split(",")]
     summary = {k: {"mean": round(statistics.fmean(r["test"][k] for r in runs), 2),
                    "std": round(statistics.stdev(r["test"][k] for r in runs), 2) if len(runs) > 1 else 0.0}
                for k in KEYS}
-    result = {"features": str(args.features), "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+    result = {"features": str(args.features), "mirror": args.mirror, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
               "threads": args.threads, "encode_seconds": round(encode_s, 1),
               "seconds": round(time.perf_counter() - started, 1), "runs": runs, "test_mean_std": summary}
     print(json.dumps(result, indent=1))

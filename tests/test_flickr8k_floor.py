@@ -31,3 +31,18 @@ def test_probe_learns_a_planted_linear_map():
     assert len(result["dev_rsum_per_epoch"]) == 6
     assert result["best_epoch"] == 1 + result["dev_rsum_per_epoch"].index(max(result["dev_rsum_per_epoch"]))
     assert result["test"]["rsum"] > 400  # chance on 16 images is ~ 100
+
+
+def test_probe_mirror_views_train_and_score():
+    floor = _load()
+    torch.manual_seed(0)
+    truth = torch.randn(24, 12)
+    images, texts, mirrored = {}, {}, {}
+    for split, n in (("train", 64), ("dev", 16), ("test", 16)):
+        images[split] = torch.randn(n, 24)
+        mirrored[split] = images[split] + 0.2 * torch.randn(n, 24)  # a second, noisy view of the same image
+        texts[split] = F.normalize((images[split] @ truth).repeat_interleave(5, 0) + 0.3 * torch.randn(5 * n, 12), dim=-1)
+    plain = floor.train_probe(images, texts, epochs=4, seed=0, lr=1e-2, batch=32)
+    both = floor.train_probe(images, texts, epochs=4, seed=0, lr=1e-2, batch=32, mirrored=mirrored,
+                             mirror_train=True, mirror_test=True)
+    assert both["test"]["rsum"] > 400 and both["dev_rsum_per_epoch"] != plain["dev_rsum_per_epoch"]
