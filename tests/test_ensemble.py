@@ -69,3 +69,23 @@ def test_average_views_keeps_the_length_and_the_direction_of_the_mean():
     torch.testing.assert_close(mean.norm(dim=-1), torch.ones(6))
     torch.testing.assert_close(mean, torch.nn.functional.normalize(a + b, dim=-1))
     torch.testing.assert_close(average_views(3 * a, 3 * a), 3 * a)
+
+
+def test_evaluate_on_another_store_scores_it_and_writes_nothing_into_the_run(two_runs, tmp_path, capsys):
+    from selfalign.pipeline import evaluate_run
+
+    other = make_feature_store(tmp_path / "other", seed=9)
+    model = load_model(two_runs[0], "cpu")[0]
+    expected = retrieval_metrics(similarity_matrix(encode_split(model, load_feature_split(other, "test"))).numpy())
+    before = sorted(p.name for p in two_runs[0].iterdir())
+    metrics = evaluate_run(two_runs[0], "test", device="cpu", features=other)
+    assert metrics["rsum"] == pytest.approx(expected["rsum"]) and metrics["features"] == str(other)
+    assert sorted(p.name for p in two_runs[0].iterdir()) == before
+    ensemble = evaluate_ensemble(two_runs, "test", device="cpu", features=other)
+    assert ensemble["n_images"] == 16
+    assert main(["evaluate", str(two_runs[0]), "--features", str(other), "--device", "cpu"]) == 0
+    assert "rsum" in capsys.readouterr().out
+    assert main(["evaluate", "--sims", str(tmp_path / "s.npy"), "--features", str(other)]) == 2
+    wide = make_feature_store(tmp_path / "wide", dim=48)
+    with pytest.raises(InputError, match="48-d but the run's model.image_dim is 32"):
+        evaluate_run(two_runs[0], "test", device="cpu", features=wide)

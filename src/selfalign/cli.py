@@ -52,18 +52,22 @@ def _cmd_evaluate(args) -> None:
 
     if args.sims and args.run_dirs:
         raise SelfAlignError("evaluate takes RUN_DIR(s) or --sims SIMS.npy, not both")
+    if args.sims and args.features:
+        raise SelfAlignError("--features names the store a run scores; a --sims matrix is already scored")
     if args.sims:
         metrics = evaluate_sims_file(args.sims, fold5=args.fold5)
     elif len(args.run_dirs) > 1:
         from selfalign.pipeline import evaluate_ensemble
 
-        metrics = evaluate_ensemble(args.run_dirs, args.split, fold5=args.fold5, device=args.device)
+        metrics = evaluate_ensemble(args.run_dirs, args.split, fold5=args.fold5, device=args.device,
+                                    features=args.features)
     else:
         if not args.run_dirs:
             raise SelfAlignError("evaluate needs RUN_DIR or --sims SIMS.npy")
         from selfalign.pipeline import evaluate_run
 
-        metrics = evaluate_run(args.run_dirs[0], args.split, fold5=args.fold5, device=args.device)
+        metrics = evaluate_run(args.run_dirs[0], args.split, fold5=args.fold5, device=args.device,
+                               features=args.features)
     print(format_table(metrics))
     if args.json:
         atomic.write_json(args.json, metrics)
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "of their similarity matrices), or of a saved similarity matrix")
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="one run, or several for an ensemble")
     p.add_argument("--split", default="test")
+    p.add_argument("--features", help="score this feature store's split instead of the run's own (e.g. new photos, "
+                                      "`selfalign extract` with the run's settings); nothing is written into the run")
     p.add_argument("--sims", help="a saved [N, 5N] similarity matrix (.npy)")
     p.add_argument("--fold5", action="store_true", help="COCO 1K: mean over 5 folds")
     p.add_argument("--json", help="also write the metrics here")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfalign import atomic
+from selfalign.errors import InputError
 from selfalign.train.trainer import resolve_device
 
 
@@ -32,12 +33,17 @@ def extract_features(dataset: str, root: str | Path, out: str | Path, split: str
                          detector=detector, progress=progress, mirror=mirror)
 
 
-def _split_views(cfg, split: str):
-    """The run's feature split, and its mirrored copy when the run averages the two (``data.mirror_test``)."""
+def _split_views(cfg, split: str, store: str | Path | None = None):
+    """The split of the run's feature store (or of ``store``), and its mirrored copy when the run averages the two
+    (``data.mirror_test``)."""
     from selfalign.data.precomp import load_feature_split, load_mirror_split
 
-    features = load_feature_split(cfg.data.features, split)
-    mirror = load_mirror_split(cfg.data.features, split, features) if cfg.data.mirror_test else None
+    store = store or cfg.data.features
+    features = load_feature_split(store, split)
+    if features.feature_dim != cfg.model.image_dim:
+        raise InputError(f"{store}: region features are {features.feature_dim}-d but the run's model.image_dim is "
+                         f"{cfg.model.image_dim}")
+    mirror = load_mirror_split(store, split, features) if cfg.data.mirror_test else None
     return features, mirror
 
 
@@ -45,33 +51,39 @@ def _protocol(fold5: bool, n_images: int) -> str:
     return "coco_1k_5fold" if fold5 else f"{n_images}_images"
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", fold5: bool = False, device: str = "auto") -> dict:
-    """Encode ``split`` with the run's best model, compute the protocol's metrics, write ``eval.json``."""
+def evaluate_run(run_dir: str | Path, split: str = "test", fold5: bool = False, device: str = "auto",
+                 features: str | Path | None = None) -> dict:
+    """Encode ``split`` with the run's best model, compute the protocol's metrics, write ``eval.json``.
+
+    ``features``: score the split of another feature store (e.g. photos the run never saw, extracted with the
+    same settings); then nothing is written into the run.
+    """
     from selfalign.evaluate.runner import encode_split, score_embeddings
     from selfalign.model.checkpoint import load_model
 
     run_dir = Path(run_dir)
     model, cfg = load_model(run_dir, resolve_device(device))
-    features, mirror = _split_views(cfg, split)
+    split_features, mirror = _split_views(cfg, split, features)
     # encode_split keeps the locals of a cross-attention run (model.similarity=scan) and score_embeddings then
     # scores every pair with the batched SCAN scorer instead of a matrix product.
-    metrics = score_embeddings(encode_split(model, features, mirror=mirror), fold5=fold5)
+    metrics = score_embeddings(encode_split(model, split_features, mirror=mirror), fold5=fold5)
     metrics["similarity"] = cfg.model.similarity
     metrics["split"] = split
-    metrics["protocol"] = _protocol(fold5, len(features.image_ids))
-    atomic.write_json(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"), metrics)
+    metrics["features"] = str(features or cfg.data.features)
+    metrics["protocol"] = _protocol(fold5, len(split_features.image_ids))
+    if features is None:
+        atomic.write_json(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"), metrics)
     return metrics
 
 
 def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bool = False,
-                      device: str = "auto") -> dict:
+                      device: str = "auto", features: str | Path | None = None) -> dict:
     """The protocol's metrics for the mean of several runs' ``[N, 5N]`` similarity matrices on one split.
 
     As VSE∞'s ensemble evaluation: each run scores the split with its own model and feature store, the matrices are
     averaged. The runs must hold the same images and captions in the same order (InputError naming the first run
-    that differs). Nothing is written into the runs.
+    that differs). ``features``: every run scores the split of this store instead. Nothing is written into the runs.
     """
-    from selfalign.errors import InputError
     from selfalign.evaluate.metrics import protocol_metrics
     from selfalign.evaluate.runner import encode_split, similarity_matrix
     from selfalign.model.checkpoint import load_model
@@ -81,14 +93,14 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
     total, reference, similarities = None, None, []
     for run_dir in run_dirs:
         model, cfg = load_model(Path(run_dir), resolve_device(device))
-        features, mirror = _split_views(cfg, split)
-        order = (list(features.image_ids), list(features.captions))
+        split_features, mirror = _split_views(cfg, split, features)
+        order = (list(split_features.image_ids), list(split_features.captions))
         if reference is None:
             reference = (run_dir, order)
         elif order != reference[1]:
             raise InputError(f"{run_dir}: its {split} split ({cfg.data.features}) does not hold the same images and "
                              f"captions in the same order as {reference[0]}'s; an ensemble scores one split")
-        sims = similarity_matrix(encode_split(model, features, mirror=mirror))
+        sims = similarity_matrix(encode_split(model, split_features, mirror=mirror))
         total = sims if total is None else total.add_(sims)
         similarities.append(cfg.model.similarity)
         del model
