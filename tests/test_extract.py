@@ -254,7 +254,7 @@ def test_mirror_split_errors_name_the_fix(tmp_path, backbone):
     split, feat = _make_split(tmp_path / "data", n=2), tmp_path / "feat"
     extract_split(split, feat, "train", "grid", image_size=SIZE, backbone=backbone, progress=False)
     original = load_feature_split(feat, "train")
-    with pytest.raises(InputError, match=r"--split train --mirror"):
+    with pytest.raises(InputError, match=r"--splits train --mirror"):
         load_mirror_split(feat, "train", original)
     write_feature_split(feat, "train_mirror", np.asarray(original.images), original.captions[::-1],
                         original.image_ids)  # fmt: skip

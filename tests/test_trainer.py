@@ -151,5 +151,5 @@ def test_mirror_augmentation_and_test_time_averaging(feature_store, tmp_path):
 
 def test_mirror_without_mirrored_copies_names_the_command(feature_store, tmp_path):
     cfg = load_config(None, tiny_overrides(feature_store, tmp_path) + ["data.mirror_train=true"])
-    with pytest.raises(SelfAlignError, match="--split train --mirror"):
+    with pytest.raises(SelfAlignError, match="--splits train --mirror"):
         train(cfg, progress=False)

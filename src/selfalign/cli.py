@@ -21,9 +21,10 @@ def _cmd_extract(args) -> None:
     from selfalign.pipeline import extract_features
 
     for split in args.splits.split(","):
-        extract_features(args.dataset, args.root, args.out, split, args.regions, image_size=args.size,
-                         detector_path=args.detector, batch_size=args.batch_size, device=args.device,
-                         karpathy_json=args.karpathy_json, mirror=args.mirror)
+        for mirror in (False, True)[: 2 if args.mirror else 1]:
+            extract_features(args.dataset, args.root, args.out, split, args.regions, image_size=args.size,
+                             detector_path=args.detector, batch_size=args.batch_size, device=args.device,
+                             karpathy_json=args.karpathy_json, mirror=mirror)
 
 
 def _cmd_train(args) -> None:
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--mirror", action="store_true",
-                   help="extract the images mirrored left-right, as splits SPLIT_mirror (data.mirror_train/test)")
+                   help="also extract each split's images mirrored left-right, as SPLIT_mirror (data.mirror_train/test)")
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
