@@ -141,6 +141,8 @@ def _quick_and_resume(bench, out: Path) -> None:
         assert metrics["n_images"] == bench.QUICK_IMAGES["test"] and metrics["n_captions"] == 5 * metrics["n_images"]
         assert 0 <= metrics["rsum"] <= 600 and metrics["train_seconds"] > 0
     assert "SelfAlign − base rsum" in (out / "results.md").read_text()
+    for split in bench.SPLITS:  # the main config flips images: the mirrored copies were extracted beside the splits
+        assert (out / "features" / "grid" / f"{split}_mirror_ims.npy").is_file()
     stamp = (out / "base-seed0" / "eval.json").stat().st_mtime_ns
     again = bench.main(args)  # finished runs are read back, not retrained
     assert (out / "base-seed0" / "eval.json").stat().st_mtime_ns == stamp
