@@ -17,6 +17,11 @@ class RegionStore:
         self.mask = torch.from_numpy(np.ascontiguousarray(region_mask, dtype=bool))
         self.pin_memory = pin_memory
 
+    @classmethod
+    def from_counts(cls, images: np.ndarray, n_regions: np.ndarray) -> "RegionStore":
+        """A store of ``images [N, R, D]`` whose first ``n_regions [N]`` regions are valid."""
+        return cls(images, np.arange(images.shape[1])[None, :] < np.asarray(n_regions)[:, None])
+
     def __len__(self) -> int:
         return len(self.mask)
 

@@ -180,10 +180,10 @@ class Gallery:
     @torch.inference_mode()
     def encode_regions(self, feats: np.ndarray, n_regions: np.ndarray) -> np.ndarray:
         """Region features ``[B, R, D]`` + valid counts ``[B]`` -> image embeddings ``[B, E]`` float32."""
-        regions = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(self.device)
-        mask = torch.arange(regions.shape[1], device=self.device)[None, :] < torch.as_tensor(
-            np.asarray(n_regions), device=self.device)[:, None]
-        return self.model.encode_image(regions, mask).embedding.float().cpu().numpy()
+        from selfalign.data.batches import RegionStore
+        from selfalign.evaluate.runner import encode_images
+
+        return encode_images(self.model, RegionStore.from_counts(np.asarray(feats), n_regions)).numpy()
 
     def encode_image(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """One image (path or PIL) -> ``[1, E]``, its regions made by the gallery's region plan (and averaged with

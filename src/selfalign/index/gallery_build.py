@@ -110,8 +110,7 @@ def _encode_blocks(model: Any, blocks: Iterable[tuple[np.ndarray, np.ndarray]]) 
     from selfalign.data.batches import RegionStore
     from selfalign.evaluate.runner import encode_images
 
-    out = [encode_images(model, RegionStore(feats, np.arange(feats.shape[1])[None, :] < np.asarray(counts)[:, None]),
-                         ENCODE_BATCH) for feats, counts in blocks]
+    out = [encode_images(model, RegionStore.from_counts(feats, counts), ENCODE_BATCH) for feats, counts in blocks]
     return torch.cat(out).numpy()
 
 
