@@ -153,3 +153,18 @@ def test_mirror_without_mirrored_copies_names_the_command(feature_store, tmp_pat
     cfg = load_config(None, tiny_overrides(feature_store, tmp_path) + ["data.mirror_train=true"])
     with pytest.raises(SelfAlignError, match="--splits train --mirror"):
         train(cfg, progress=False)
+
+
+def test_mirroring_warns_when_many_captions_say_left_or_right(feature_store, tmp_path, capsys):
+    from selfalign.data.text import sided_fraction
+    from selfalign.train.trainer import _warn_if_captions_are_sided
+
+    assert sided_fraction(["a dog on the left", "a cat", "Right-hand side", "the leftmost cup"]) == 0.75
+    assert sided_fraction([]) == 0.0
+    sided = ["a red square left of a blue circle"] * 3 + ["a red square"] * 7
+    on = load_config(None, tiny_overrides(feature_store, tmp_path) + ["data.mirror_train=true"])
+    _warn_if_captions_are_sided(on, sided, is_main=True)
+    assert "30.0% of the training captions say left or right" in capsys.readouterr().err
+    _warn_if_captions_are_sided(on, ["a red square"] * 10, is_main=True)
+    _warn_if_captions_are_sided(load_config(None, tiny_overrides(feature_store, tmp_path)), sided, is_main=True)
+    assert capsys.readouterr().err == ""

@@ -38,7 +38,8 @@ class DataConfig:
     region_dropout: float = 0.2  # VSE∞ size augmentation: drop this fraction of regions in training
     # Left-right flips, from the store's mirrored copies ({split}_mirror, `selfalign extract --mirror`): in training
     # each pair's image is its mirrored copy with probability 1/2; in evaluation (and in an index) an image's
-    # embedding is the mean of its own and its mirrored copy's.
+    # embedding is the mean of its own and its mirrored copy's. Images are flipped, words are not: keep both off
+    # when captions say left or right (training warns above 2 %; the built-in scenes: 45 %, Flickr8k: 0.4 %).
     mirror_train: bool = False
     mirror_test: bool = False
 

@@ -24,6 +24,16 @@ def tokenize(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+SIDE_WORDS = frozenset({"left", "right", "leftmost", "rightmost"})
+
+
+def sided_fraction(captions: list[str]) -> float:
+    """The fraction of ``captions`` that say left or right: what a left-right flip of the image would contradict."""
+    if not captions:
+        return 0.0
+    return sum(1 for c in captions if SIDE_WORDS.intersection(tokenize(c))) / len(captions)
+
+
 @dataclass
 class TokenBatch:
     """Padded token ids ``ids [B, L]`` with ``mask [B, L]`` (True = a real token) and the token strings."""
