@@ -36,14 +36,13 @@ def extract_features(dataset: str, root: str | Path, out: str | Path, split: str
 def _split_views(cfg, split: str, store: str | Path | None = None):
     """The split of the run's feature store (or of ``store``), and its mirrored copy when the run averages the two
     (``data.mirror_test``)."""
-    from selfalign.data.precomp import load_feature_split, load_mirror_split
+    from selfalign.data.precomp import load_split_views
 
     store = store or cfg.data.features
-    features = load_feature_split(store, split)
+    features, mirror = load_split_views(store, split, cfg.data.mirror_test)
     if features.feature_dim != cfg.model.image_dim:
         raise InputError(f"{store}: region features are {features.feature_dim}-d but the run's model.image_dim is "
                          f"{cfg.model.image_dim}")
-    mirror = load_mirror_split(store, split, features) if cfg.data.mirror_test else None
     return features, mirror
 
 

@@ -64,9 +64,8 @@ def view_masks(store: RegionStore, mirror: RegionStore | None, indices: np.ndarr
 def view_regions(store: RegionStore, mirror: RegionStore | None, indices: np.ndarray, flip: torch.Tensor | None,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """Regions ``[B, R, D]`` of images ``indices``, each from the mirrored copy where ``flip [B]`` is True."""
-    if mirror is None or flip is None or not bool(flip.any()):
-        regions = store.get(indices, device)[0]
-        return _widen(regions, mirror.width) if mirror is not None else regions
+    if mirror is None or flip is None:
+        return store.get(indices, device)[0]
     idx, chosen = np.asarray(indices), flip.cpu().numpy()
     width = max(store.width, mirror.width)
     parts = [(np.flatnonzero(~chosen), store), (np.flatnonzero(chosen), mirror)]

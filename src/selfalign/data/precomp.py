@@ -210,6 +210,12 @@ def load_mirror_split(feat_dir: str | os.PathLike, split: str, original: Feature
     return mirrored
 
 
+def load_split_views(feat_dir: str | os.PathLike, split: str, mirror: bool) -> tuple[FeatureSplit, FeatureSplit | None]:
+    """A split of the store, and its checked mirrored copy when ``mirror`` (else None)."""
+    features = load_feature_split(feat_dir, split)
+    return features, load_mirror_split(feat_dir, split, features) if mirror else None
+
+
 def check_finite(split: FeatureSplit, chunk: int = 1024) -> None:
     """Scan features (and boxes) chunk by chunk, never all in memory; error names the first bad image."""
     for name, array in (("features", split.images), ("boxes", split.boxes)):

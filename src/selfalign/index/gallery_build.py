@@ -89,7 +89,7 @@ def _write_regions(path: Path, old: np.ndarray | None, new: NewImages,
         block = np.asarray(old[start : start + ENCODE_BATCH])
         out[start : start + len(block), : block.shape[1]] = block
     row, boxes, counts = old_n, [], []
-    for feats, n_regions, box, _ in new.blocks():
+    for feats, n_regions, box in new.blocks():
         b, r = len(feats), min(feats.shape[1], width)
         out[row : row + b, :r] = feats[:, :r]
         for j in range(b):
@@ -114,10 +114,9 @@ def _encode_blocks(model: Any, blocks: Iterable[tuple[np.ndarray, np.ndarray]]) 
     return torch.cat(out).numpy()
 
 
-def _encode_new(model: Any, regions_path: Path, start: int, counts: np.ndarray, new: NewImages,
-                mirror: bool) -> np.ndarray:
-    """Embeddings ``[M, E]`` of rows ``start..`` of the written ``regions.npy``; with ``mirror``, each averaged
-    with the embedding of the image's mirrored copy (from ``new``'s blocks)."""
+def _encode_new(model: Any, regions_path: Path, start: int, counts: np.ndarray, new: NewImages) -> np.ndarray:
+    """Embeddings ``[M, E]`` of rows ``start..`` of the written ``regions.npy``; for a mirroring plan, each averaged
+    with the embedding of the image's mirrored copy (``new.mirror_blocks``)."""
     import torch
 
     from selfalign.evaluate.runner import average_views
@@ -126,9 +125,9 @@ def _encode_new(model: Any, regions_path: Path, start: int, counts: np.ndarray, 
     rows = ((regions[start + s : start + s + ENCODE_BATCH], counts[s : s + ENCODE_BATCH])
             for s in range(0, len(counts), ENCODE_BATCH))
     embeddings = _encode_blocks(model, rows)
-    if not mirror:
+    if new.mirror_blocks is None:
         return embeddings
-    mirrored = _encode_blocks(model, (m for *_, m in new.blocks()))
+    mirrored = _encode_blocks(model, new.mirror_blocks())
     return average_views(torch.from_numpy(embeddings), torch.from_numpy(mirrored)).numpy()
 
 
@@ -232,7 +231,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
     try:
         old_regions = np.load(out / REGIONS, mmap_mode="r") if add else None
         boxes, counts = _write_regions(tmp / REGIONS, old_regions, new, cfg.model.image_dim)
-        embeddings = _encode_new(model, tmp / REGIONS, len(old_images), counts, new, plan.mirror)
+        embeddings = _encode_new(model, tmp / REGIONS, len(old_images), counts, new)
         next_id = int(old_manifest.get("next_id", len(old_images))) if add else 0
         _, start = _append_vectors(out / IMAGE_VECTORS if add else None, backend, kind, uri, "images", embeddings,
                                    next_id, tmp / IMAGE_VECTORS)

@@ -22,14 +22,14 @@ from selfalign.errors import InputError
 from selfalign.index.gallery_regions import RegionExtractor, RegionPlan
 
 CHUNK = 64  # images per cached extraction chunk
-# features [b, r, D] f16, n_regions [b], boxes [b, r, 4], and for a mirroring plan the mirrored copies'
-# (features [b, r', D], n_regions [b]), else None
-Block = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]
+Block = tuple[np.ndarray, np.ndarray, np.ndarray]  # features [b, r, D] f16, n_regions [b], boxes [b, r, 4]
+MirrorBlock = tuple[np.ndarray, np.ndarray]  # the mirrored copies' features [b, r', D], n_regions [b]
 
 
 @dataclass
 class NewImages:
-    """Images to add: ``image_ids``/``paths`` (N), ``captions`` (N lists of 5, or None), features by ``blocks()``."""
+    """Images to add: ``image_ids``/``paths`` (N), ``captions`` (N lists of 5, or None), features by ``blocks()``
+    and, for a mirroring plan, their mirrored copies' by ``mirror_blocks()`` (same images, same order)."""
 
     image_ids: list[str]
     paths: list[str]
@@ -39,6 +39,7 @@ class NewImages:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     already: int = 0  # images left out because the gallery holds them
     warnings: list[str] = field(default_factory=list)
+    mirror_blocks: Callable[[], Iterator[MirrorBlock]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,14 +105,10 @@ def _extract_chunk(files: list[Path], extractor: RegionExtractor, batch_size: in
         for target, flipped in ((per_image, False), (per_mirror, True))[: 2 if mirror else 1]:
             feats, counts, boxes = extractor.extract(images, batch_size, mirrored=flipped)
             target += [(feats[j, : counts[j]], boxes[j, : counts[j]]) for j in range(len(slots))]
-
-    def padded(per: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return pad_regions(per, max((len(f) for f, _ in per), default=1))
-
-    out_feats, counts, out_boxes = padded(per_image)
+    out_feats, counts, out_boxes = pad_regions(per_image)
     chunk = {"feats": out_feats, "n_regions": counts, "boxes": out_boxes, "ok": ok, "reasons": np.array(reasons)}
     if mirror:
-        chunk["mirror_feats"], chunk["mirror_n_regions"], _ = padded(per_mirror)
+        chunk["mirror_feats"], chunk["mirror_n_regions"], _ = pad_regions(per_mirror)
     return chunk
 
 
@@ -153,15 +150,16 @@ def folder_source(folder: Path, known: set[str], plan: RegionPlan, extractor: Ca
         if stale not in {p for p, _ in used}:
             stale.unlink(missing_ok=True)
 
-    def blocks() -> Iterator[Block]:
-        for path, part in used:
-            with np.load(path, allow_pickle=False) as data:
+    def chunk_arrays(keys: tuple[str, ...]) -> Iterator[tuple[np.ndarray, ...]]:
+        for path, _ in used:
+            with np.load(path, allow_pickle=False) as data:  # an npz reads only the arrays asked for
                 if len(data["n_regions"]):
-                    mirrored = (data["mirror_feats"], data["mirror_n_regions"]) if plan.mirror else None
-                    yield data["feats"], data["n_regions"], data["boxes"], mirrored
+                    yield tuple(data[k] for k in keys)
 
     ids = [f.relative_to(base).as_posix() if f.is_relative_to(base) else f.name for f in kept_files]
-    return NewImages(ids, [str(f) for f in kept_files], None, width, blocks, skipped, len(files) - len(fresh))
+    return NewImages(ids, [str(f) for f in kept_files], None, width,
+                     lambda: chunk_arrays(("feats", "n_regions", "boxes")), skipped, len(files) - len(fresh),
+                     mirror_blocks=(lambda: chunk_arrays(MIRROR_KEYS)) if plan.mirror else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,16 +249,19 @@ def dataset_source(cfg: RunConfig, dataset: str, root: Path, split: str, known: 
             else:  # a store without boxes: only region 0 (the whole image) has a known box
                 box = np.zeros((len(sel), width, 4), np.float32)
                 box[:, 0] = (0.0, 0.0, 1.0, 1.0)
-            mirrored = None
-            if mirror_store is not None:
-                mirrored = (np.asarray(mirror_store.images[sel], dtype=np.float16),
-                            np.asarray(_counts(mirror_store)[sel], dtype=np.int32))
-            yield feats, np.asarray(n_regions[sel], dtype=np.int32), box, mirrored
+            yield feats, np.asarray(n_regions[sel], dtype=np.int32), box
+
+    def mirror_blocks() -> Iterator[MirrorBlock]:
+        counts = _counts(mirror_store)
+        for start in range(0, len(rows), 256):
+            sel = rows[start : start + 256]
+            yield np.asarray(mirror_store.images[sel], dtype=np.float16), np.asarray(counts[sel], dtype=np.int32)
 
     chosen = [index[store.image_ids[r]] for r in rows]
     paths = [str(captioned.image_paths[i].resolve()) for i in chosen]
     return NewImages([captioned.image_ids[i] for i in chosen], paths, [list(captioned.captions[i]) for i in chosen],
-                     width, blocks, skipped, store.num_images - len(rows), warnings)
+                     width, blocks, skipped, store.num_images - len(rows), warnings,
+                     mirror_blocks if mirror_store is not None else None)
 
 
 def _counts(store) -> np.ndarray:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from selfalign import distributed as D
 from selfalign.config import RunConfig
 from selfalign.data.batches import RegionStore, drop_regions, epoch_batches, view_masks, view_regions
-from selfalign.data.precomp import check_finite, load_feature_split, load_mirror_split, mirror_split_name
+from selfalign.data.precomp import check_finite, load_split_views, mirror_split_name
 from selfalign.data.text import TokenBatch, Vocabulary, sided_fraction
 from selfalign.errors import InputError, SelfAlignError
 from selfalign.evaluate.runner import encode_split, score_embeddings
@@ -219,11 +219,8 @@ def _warn_if_captions_are_sided(cfg: RunConfig, captions: list[str], is_main: bo
 
 def _load_data(cfg: RunConfig):
     """The train and dev splits, checked; and their mirrored copies where ``data.mirror_train/test`` ask (or None)."""
-    train_split = load_feature_split(cfg.data.features, cfg.data.train_split)
-    dev_split = load_feature_split(cfg.data.features, cfg.data.dev_split)
-    features = cfg.data.features
-    train_mirror = load_mirror_split(features, cfg.data.train_split, train_split) if cfg.data.mirror_train else None
-    dev_mirror = load_mirror_split(features, cfg.data.dev_split, dev_split) if cfg.data.mirror_test else None
+    train_split, train_mirror = load_split_views(cfg.data.features, cfg.data.train_split, cfg.data.mirror_train)
+    dev_split, dev_mirror = load_split_views(cfg.data.features, cfg.data.dev_split, cfg.data.mirror_test)
     if train_split.images.shape[-1] != cfg.model.image_dim:
         raise InputError(f"{cfg.data.features}: region features are {train_split.images.shape[-1]}-d but "
                          f"model.image_dim is {cfg.model.image_dim}")

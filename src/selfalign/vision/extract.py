@@ -117,7 +117,7 @@ def _compute_chunk(
             for k, result in zip(slots, out):
                 results[k] = result
         bar.update(min(batch_size, len(indices) - start))
-    feats, n_regions, boxes = pad_regions(results, max(len(f) for f, _ in results))
+    feats, n_regions, boxes = pad_regions(results)
     return {"feats": feats, "n_regions": n_regions, "boxes": boxes, "ok": ok}
 
 
@@ -210,8 +210,7 @@ def extract_split(
                 "images_per_s": 0.0, "cached": True}  # fmt: skip
 
     partial = out_dir / ".partial" / split_name
-    job = {"settings": settings, "fingerprint": fingerprint, "chunk_size": chunk_size, "skip_bad": skip_bad,
-           "mirror": mirror}
+    job = {"settings": settings, "fingerprint": fingerprint, "chunk_size": chunk_size, "skip_bad": skip_bad}
     job_file = partial / "job.json"
     if partial.exists() and _read_job(job_file) != job:
         shutil.rmtree(partial)  # chunks of another configuration or dataset: useless here

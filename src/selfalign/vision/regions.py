@@ -114,8 +114,11 @@ def batch_regions(
     ]
 
 
-def pad_regions(results: list[tuple[np.ndarray, np.ndarray]], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-image regions -> (features ``[B, R, D]`` float16, n_regions ``[B]`` int32, boxes ``[B, R, 4]``)."""
+def pad_regions(results: list[tuple[np.ndarray, np.ndarray]],
+                width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image regions -> (features ``[B, R, D]`` float16, n_regions ``[B]`` int32, boxes ``[B, R, 4]``); R is
+    ``width``, by default the most regions of any image (at least 1)."""
+    width = max((len(f) for f, _ in results), default=1) if width is None else width
     dim = results[0][0].shape[1] if results else FEATURE_DIM
     feats = np.zeros((len(results), width, dim), dtype=np.float16)
     boxes = np.zeros((len(results), width, 4), dtype=np.float32)
@@ -164,6 +167,6 @@ def extract_images(
                 backbone, images[start : start + batch_size], regions, image_size, torch.device(device),
                 detector, part, max_regions,
             )  # fmt: skip
-    return pad_regions(results, max((len(f) for f, _ in results), default=1))
+    return pad_regions(results)
 
 
