@@ -20,9 +20,11 @@ def _cmd_scenes(args) -> None:
 def _cmd_extract(args) -> None:
     from selfalign.pipeline import extract_features
 
+    # only the generated scenes carry ground-truth boxes; real photos default to the grid
+    regions = args.regions or ("boxes" if args.dataset == "scenes" else "grid")
     for split in args.splits.split(","):
         for mirror in (False, True)[: 2 if args.mirror else 1]:
-            extract_features(args.dataset, args.root, args.out, split, args.regions, image_size=args.size,
+            extract_features(args.dataset, args.root, args.out, split, regions, image_size=args.size,
                              detector_path=args.detector, batch_size=args.batch_size, device=args.device,
                              karpathy_json=args.karpathy_json, mirror=mirror)
 
@@ -61,14 +63,14 @@ def _cmd_evaluate(args) -> None:
         from selfalign.pipeline import evaluate_ensemble
 
         metrics = evaluate_ensemble(args.run_dirs, args.split, fold5=args.fold5, device=args.device,
-                                    features=args.features)
+                                    features=args.features, one_view=args.one_view)
     else:
         if not args.run_dirs:
             raise SelfAlignError("evaluate needs RUN_DIR or --sims SIMS.npy")
         from selfalign.pipeline import evaluate_run
 
         metrics = evaluate_run(args.run_dirs[0], args.split, fold5=args.fold5, device=args.device,
-                               features=args.features)
+                               features=args.features, one_view=args.one_view)
     print(format_table(metrics))
     if args.json:
         atomic.write_json(args.json, metrics)
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--out", required=True, help="feature store folder")
     p.add_argument("--splits", default="train,dev,test")
-    p.add_argument("--regions", default="boxes", choices=["grid", "boxes", "detector"])
+    p.add_argument("--regions", default=None, choices=["grid", "boxes", "detector"],
+                   help="default: boxes for scenes (their ground-truth boxes), grid for every other dataset")
     p.add_argument("--detector", default="", help="YOLOX-Nano ONNX file (regions=detector)")
     p.add_argument("--karpathy-json", default="")
     p.add_argument("--size", type=int, default=224)
@@ -127,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--features", help="score this feature store's split instead of the run's own (e.g. new photos, "
                                       "`selfalign extract` with the run's settings); nothing is written into the run")
+    p.add_argument("--one-view", action="store_true",
+                   help="embed each image from its photo alone, although the run averages it with its mirrored copy "
+                        "(data.mirror_test): for a store extracted without --mirror")
     p.add_argument("--sims", help="a saved [N, 5N] similarity matrix (.npy)")
     p.add_argument("--fold5", action="store_true", help="COCO 1K: mean over 5 folds")
     p.add_argument("--json", help="also write the metrics here")

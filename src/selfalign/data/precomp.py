@@ -199,7 +199,8 @@ def load_mirror_split(feat_dir: str | os.PathLike, split: str, original: Feature
     name = mirror_split_name(split)
     if not split_files(feat_dir, name)["ims"].exists():
         raise InputError(f"{feat_dir}: no mirrored copy of split '{split}' ({name}_ims.npy); create it with "
-                         f"`selfalign extract ... --splits {split} --mirror` or turn data.mirror_train/test off")
+                         f"`selfalign extract ... --splits {split} --mirror`, or score one view per image "
+                         f"(`selfalign evaluate --one-view`), or turn data.mirror_train/test off")
     mirrored = load_feature_split(feat_dir, name)
     if mirrored.image_ids != original.image_ids or mirrored.captions != original.captions:
         raise InputError(f"{feat_dir}: split '{name}' does not hold the images and captions of '{split}' in the "
