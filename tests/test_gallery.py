@@ -267,3 +267,53 @@ def test_a_mirroring_run_indexes_and_queries_the_mean_of_both_views(tiny_scenes_
     mirrored = load_mirror_split(tmp_path / "dataset.cache" / "dataset", "scenes_test", store)
     views = [encode_images(gallery.model, RegionStore(s.images, s.region_mask())) for s in (store, mirrored)]
     check_scores(gallery, dict(zip(store.image_ids, average_views(*views).numpy())))
+
+
+def test_a_gallery_with_a_query_bank_searches_the_normalised_scores(tiny_scenes_run, image_folder, tmp_path):
+    """Vectors carry the bank's discount: text -> image and image -> caption scores are ``s - discount`` (one
+    inner product, checked against the brute-force normalisation), image -> image stays plain."""
+    from selfalign.evaluate.querybank import QueryBank
+    from selfalign.pipeline import build_querybank
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_scenes_run["run_dir"], run)  # the shared run must stay without a bank
+    build_querybank(run, betas=(3.0,), device="cpu")
+    bank = QueryBank.load(run)
+    out = tmp_path / "g"
+    build_gallery(run, out, dataset="scenes", root=tiny_scenes_run["root"], split="test", progress=False)
+    manifest = read_manifest(out)
+    assert manifest["querybank"]["beta"] == 3.0 and manifest["querybank"]["sha256"] == QueryBank.file_hash(run)
+    gallery = Gallery.load(out)
+    split = load_feature_split(tiny_scenes_run["features"], "test")
+    images = encode_images(gallery.model, RegionStore(split.images, split.region_mask()))
+    query = split.captions[10]
+    text = encode_captions(gallery.model, [query])
+    normalised = (text @ images.T)[0] - bank.image_discount(images)
+    expected = torch.argsort(normalised, descending=True)[:5]
+    hits = gallery.search_text(query, k=5)
+    assert [split.image_ids[i] for i in expected.tolist()] == [h["image_id"] for h in hits]
+    np.testing.assert_allclose([h["score"] for h in hits], normalised[expected].numpy(), atol=1e-4)
+
+    path = gallery.image_path(3)
+    vector = torch.from_numpy(gallery.encode_image(path))
+    captions = encode_captions(gallery.model, list(split.captions))
+    to_captions = (vector @ captions.T)[0] - bank.caption_discount(captions)
+    caps = gallery.search_image(path, k=4, target="captions")
+    np.testing.assert_allclose([c["score"] for c in caps], torch.sort(to_captions, descending=True)[0][:4].numpy(),
+                               atol=1e-4)
+    plain = torch.sort((vector @ images.T)[0], descending=True)[0][:3].numpy()
+    np.testing.assert_allclose([h["score"] for h in gallery.search_image(path, k=3)], plain, atol=1e-4)
+
+    # --add keeps the gallery's choice, and refuses a bank that changed since
+    build_gallery(run, out, image_folder, add=True, progress=False)
+    after = {h["id"]: h["score"] for h in Gallery.load(out).search_text(query, k=20)}
+    assert len(after) == 14 and all(after[h["id"]] == pytest.approx(h["score"], abs=1e-4) for h in hits)
+    with pytest.raises(InputError, match="built with a query bank"):
+        build_gallery(run, out, image_folder, add=True, querybank=False, progress=False)
+    build_querybank(run, betas=(5.0,), device="cpu")
+    with pytest.raises(InputError, match="not the one the gallery was built with"):
+        build_gallery(run, out, image_folder, add=True, progress=False)
+    build_gallery(run, tmp_path / "plain", image_folder, querybank=False, progress=False)
+    assert read_manifest(tmp_path / "plain")["querybank"] is None
+    with pytest.raises(InputError, match="selfalign querybank"):
+        build_gallery(tiny_scenes_run["run_dir"], tmp_path / "none", image_folder, querybank=True, progress=False)

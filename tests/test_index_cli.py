@@ -99,3 +99,18 @@ def test_bad_arguments_are_clear_errors(argv, message, dataset_index, tiny_scene
     fill = {"idx": str(dataset_index), "run": str(tiny_scenes_run["run_dir"]), "tmp": str(tmp_path)}
     assert main([a.format(**fill) for a in argv] + ["--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_index_uses_the_runs_query_bank_unless_told_not_to(tiny_scenes_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_scenes_run["run_dir"], run)
+    assert main(["querybank", str(run), "--betas", "4", "--device", "cpu"]) == 0
+    common = ["--dataset", "scenes", "--root", str(tiny_scenes_run["root"]), "--device", "cpu", "--quiet"]
+    assert main(["index", str(run), *common, "--out", str(tmp_path / "qb")]) == 0
+    assert main(["index", str(run), *common, "--out", str(tmp_path / "plain"), "--no-querybank"]) == 0
+    assert Gallery.load(tmp_path / "qb").querybank["beta"] == 4.0
+    assert Gallery.load(tmp_path / "plain").querybank is None
+    capsys.readouterr()
+    for name in ("qb", "plain"):
+        assert main(["search", str(tmp_path / name), "a red circle", "-k", "8", "--json", "--device", "cpu"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["results"]) == 8

@@ -57,23 +57,53 @@ def _cmd_evaluate(args) -> None:
         raise SelfAlignError("evaluate takes RUN_DIR(s) or --sims SIMS.npy, not both")
     if args.sims and args.features:
         raise SelfAlignError("--features names the store a run scores; a --sims matrix is already scored")
+    if args.querybank and args.sims:
+        raise SelfAlignError("--querybank normalises a run's scores; a --sims matrix is already scored")
     if args.sims:
         metrics = evaluate_sims_file(args.sims, fold5=args.fold5)
     elif len(args.run_dirs) > 1:
         from selfalign.pipeline import evaluate_ensemble
 
         metrics = evaluate_ensemble(args.run_dirs, args.split, fold5=args.fold5, device=args.device,
-                                    features=args.features, one_view=args.one_view)
+                                    features=args.features, one_view=args.one_view, querybank=args.querybank)
     else:
         if not args.run_dirs:
             raise SelfAlignError("evaluate needs RUN_DIR or --sims SIMS.npy")
         from selfalign.pipeline import evaluate_run
 
         metrics = evaluate_run(args.run_dirs[0], args.split, fold5=args.fold5, device=args.device,
-                               features=args.features, one_view=args.one_view)
+                               features=args.features, one_view=args.one_view, querybank=args.querybank)
     print(format_table(metrics))
+    bank = metrics.get("querybank")
+    if bank and "betas" in bank:
+        print(f"(query-bank normalised, each run by its own bank: beta {', '.join(f'{b:g}' for b in bank['betas'])})")
+    elif bank:
+        print(f"(query-bank normalised: beta {bank['beta']:g}, {bank['captions']} captions / {bank['images']} "
+              f"images of '{bank['split']}')")
     if args.json:
         atomic.write_json(args.json, metrics)
+
+
+def _cmd_querybank(args) -> None:
+    from selfalign.pipeline import build_querybank
+
+    betas = tuple(_parse_floats(args.betas, "--betas")) if args.betas else None
+    report = build_querybank(args.run_dir, args.split, args.dev_split, args.captions, args.images, args.seed,
+                             betas, args.device, args.features)
+    print(f"dev rsum without normalisation {report['dev_rsum_plain']:.2f}; by beta: "
+          + ", ".join(f"{float(b):g}: {r:.2f}" for b, r in report["dev_rsum_by_beta"].items()))
+    print(f"beta {report['beta']:g} (dev rsum {report['dev_rsum']:.2f}); bank of {report['captions']} captions and "
+          f"{report['images']} images of '{report['split']}' -> {report['path']}")
+
+
+def _parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SelfAlignError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise SelfAlignError(f"{flag}: expected positive numbers, got {text!r}")
+    return values
 
 
 def _cmd_demo(args) -> None:
@@ -136,8 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sims", help="a saved [N, 5N] similarity matrix (.npy)")
     p.add_argument("--fold5", action="store_true", help="COCO 1K: mean over 5 folds")
     p.add_argument("--json", help="also write the metrics here")
+    p.add_argument("--querybank", action="store_true",
+                   help="rank on scores normalised by the run's query bank (`selfalign querybank RUN`)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("querybank", help="a bank of training queries that discounts hub images and captions "
+                                         "(inverted softmax), its beta chosen on dev; used by evaluate --querybank "
+                                         "and by index")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--split", default="train", help="the split whose captions and images form the bank")
+    p.add_argument("--dev-split", default="dev", help="the split whose rsum chooses beta")
+    p.add_argument("--captions", type=int, default=10_000, help="at most this many captions (0: all)")
+    p.add_argument("--images", type=int, default=5_000, help="at most this many images (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--betas", help="comma-separated betas to try (default 1,2,3,5,7,10,14,20,30,50)")
+    p.add_argument("--features", help="the feature store holding both splits (default: the run's)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_querybank)
 
     for register in _extensions():
         register(sub)

@@ -51,41 +51,101 @@ def _protocol(fold5: bool, n_images: int) -> str:
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", fold5: bool = False, device: str = "auto",
-                 features: str | Path | None = None, one_view: bool = False) -> dict:
+                 features: str | Path | None = None, one_view: bool = False, querybank: bool = False) -> dict:
     """Encode ``split`` with the run's best model, compute the protocol's metrics, write ``eval.json``.
 
     ``features``: score the split of another feature store (e.g. photos the run never saw, extracted with the
     same settings); ``one_view``: embed each image from its photo alone although the run averages it with its
     mirrored copy (``data.mirror_test``; for a store without mirrored copies). With either, nothing is written
-    into the run.
+    into the run. ``querybank``: rank on scores normalised by the run's query bank (:func:`build_querybank`);
+    written as ``eval_querybank.json``.
     """
     from selfalign.evaluate.runner import encode_split, score_embeddings
     from selfalign.model.checkpoint import load_model
 
     run_dir = Path(run_dir)
+    bank = _checked_querybank(run_dir, split, features) if querybank else None
     model, cfg = load_model(run_dir, resolve_device(device))
     split_features, mirror = _split_views(cfg, split, features, one_view)
     # encode_split keeps the locals of a cross-attention run (model.similarity=scan) and score_embeddings then
     # scores every pair with the batched SCAN scorer instead of a matrix product.
-    metrics = score_embeddings(encode_split(model, split_features, mirror=mirror), fold5=fold5)
+    metrics = score_embeddings(encode_split(model, split_features, mirror=mirror), fold5=fold5, querybank=bank)
     metrics["similarity"] = cfg.model.similarity
     metrics["split"] = split
     metrics["features"] = str(features or cfg.data.features)
     metrics["protocol"] = _protocol(fold5, len(split_features.image_ids))
     metrics["views"] = 1 if mirror is None else 2
     if features is None and not one_view:
-        atomic.write_json(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"), metrics)
+        name = "eval" if split == "test" else f"eval_{split}"
+        atomic.write_json(run_dir / f"{name}{'_querybank' if bank is not None else ''}.json", metrics)
     return metrics
 
 
+def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = "dev", max_captions: int = 10_000,
+                    max_images: int = 5_000, seed: int = 0, betas: tuple[float, ...] | None = None,
+                    device: str = "auto", features: str | Path | None = None) -> dict:
+    """Embed a bank of ``split``'s captions and images (at most ``max_captions`` / ``max_images``, drawn with
+    ``seed``) with the run's model, choose β by rsum on ``dev_split``, write ``RUN_DIR/querybank.safetensors``.
+
+    Images are embedded as the run embeds a gallery's (both views when ``data.mirror_test``). Returns the bank's
+    description: β, sizes, the dev rsum without normalisation and for every β tried.
+    """
+    import numpy as np
+
+    from selfalign.data.batches import RegionStore
+    from selfalign.evaluate.querybank import DEFAULT_BETAS, QueryBank, choose_beta, sample_rows
+    from selfalign.evaluate.runner import average_views, encode_captions, encode_images, encode_split
+    from selfalign.model.checkpoint import load_model, model_hash
+
+    run_dir = Path(run_dir)
+    if split == dev_split:
+        raise InputError(f"the query bank's split and the split that chooses beta are both '{split}'; use two")
+    model, cfg = load_model(run_dir, resolve_device(device))
+    if cfg.model.similarity != "dot":
+        raise InputError(f"{run_dir / 'config.json'}: model.similarity={cfg.model.similarity} scores pairs by "
+                         f"cross-attention; a query bank discounts embeddings")
+    bank_split, bank_mirror = _split_views(cfg, split, features)
+    image_rows = sample_rows(len(bank_split.image_ids), max_images, seed)
+    caption_rows = sample_rows(len(bank_split.captions), max_captions, seed + 1)
+    images = encode_images(model, RegionStore(bank_split.images, bank_split.region_mask()), rows=image_rows)
+    if bank_mirror is not None:
+        flipped = encode_images(model, RegionStore(bank_mirror.images, bank_mirror.region_mask()), rows=image_rows)
+        images = average_views(images, flipped)
+    captions = encode_captions(model, [bank_split.captions[int(i)] for i in caption_rows])
+    dev_features, dev_mirror = _split_views(cfg, dev_split, features)
+    dev = encode_split(model, dev_features, mirror=dev_mirror)
+    beta, table, plain = choose_beta(dev.images, dev.captions, captions, images, tuple(betas or DEFAULT_BETAS))
+    info = {"model_hash": model_hash(run_dir), "split": split, "dev_split": dev_split,
+            "features": str(features or cfg.data.features), "captions": int(len(caption_rows)),
+            "images": int(len(image_rows)), "seed": seed, "dev_rsum_plain": round(plain, 4),
+            "dev_rsum_by_beta": table}
+    path = QueryBank(captions, images, beta, info).save(run_dir)
+    return {"beta": beta, "path": str(path), **info, "dev_rsum": table[repr(float(beta))],
+            "captions_total": len(bank_split.captions), "images_total": int(np.asarray(len(bank_split.image_ids)))}
+
+
+def _checked_querybank(run_dir: Path, split: str, features: str | Path | None):
+    """The run's query bank, refused when it was drawn from the very split to be scored."""
+    from selfalign.evaluate.querybank import QueryBank
+    from selfalign.model.checkpoint import model_hash
+
+    bank = QueryBank.load(run_dir, model_hash(run_dir))
+    if bank.info.get("split") == split and features is None:
+        raise InputError(f"{run_dir}: its query bank was drawn from the '{split}' split itself; score another split "
+                         f"or build the bank from the training split")
+    return bank
+
+
 def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bool = False,
-                      device: str = "auto", features: str | Path | None = None, one_view: bool = False) -> dict:
+                      device: str = "auto", features: str | Path | None = None, one_view: bool = False,
+                      querybank: bool = False) -> dict:
     """The protocol's metrics for the mean of several runs' ``[N, 5N]`` similarity matrices on one split.
 
     As VSE∞'s ensemble evaluation: each run scores the split with its own model and feature store, the matrices are
     averaged. The runs must hold the same images and captions in the same order (InputError naming the first run
     that differs). ``features``: every run scores the split of this store instead; ``one_view``: as in
-    ``evaluate_run``. Nothing is written into the runs.
+    ``evaluate_run``; ``querybank``: each run's scores normalised by its own bank before averaging (one mean per
+    direction). Nothing is written into the runs.
     """
     from selfalign.evaluate.metrics import protocol_metrics
     from selfalign.evaluate.runner import encode_split, similarity_matrix
@@ -93,8 +153,9 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
 
     if len(run_dirs) < 2:
         raise InputError(f"an ensemble needs at least two runs, got {len(run_dirs)}")
-    total, reference, similarities = None, None, []
+    total, t2i_total, reference, similarities, betas = None, None, None, [], []
     for run_dir in run_dirs:
+        bank = _checked_querybank(Path(run_dir), split, features) if querybank else None
         model, cfg = load_model(Path(run_dir), resolve_device(device))
         split_features, mirror = _split_views(cfg, split, features, one_view)
         order = (list(split_features.image_ids), list(split_features.captions))
@@ -103,12 +164,22 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
         elif order != reference[1]:
             raise InputError(f"{run_dir}: its {split} split ({cfg.data.features}) does not hold the same images and "
                              f"captions in the same order as {reference[0]}'s; an ensemble scores one split")
-        sims = similarity_matrix(encode_split(model, split_features, mirror=mirror))
+        emb = encode_split(model, split_features, mirror=mirror)
+        sims = similarity_matrix(emb)
+        if bank is not None:
+            if emb.locals is not None:
+                raise InputError(f"{run_dir}: a cross-attention run scores pairs; a query bank discounts embeddings")
+            sims, t2i = bank.normalise(sims, emb.images, emb.captions)
+            t2i_total = t2i if t2i_total is None else t2i_total.add_(t2i)
+            betas.append(bank.beta)
         total = sims if total is None else total.add_(sims)
         similarities.append(cfg.model.similarity)
         del model
     mean = total.div_(len(run_dirs)).numpy()
-    metrics = protocol_metrics(mean, fold5)
+    t2i_mean = None if t2i_total is None else t2i_total.div_(len(run_dirs)).numpy()
+    metrics = protocol_metrics(mean, fold5, t2i_sims=t2i_mean)
+    if querybank:
+        metrics["querybank"] = {"betas": betas}
     metrics["ensemble"] = [str(r) for r in run_dirs]
     metrics["similarity"] = "+".join(similarities)
     metrics["split"] = split

@@ -148,28 +148,48 @@ def _summarise(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float | int]:
     return {k: out[k] for k in METRIC_KEYS}
 
 
+def _both_ranks(s: np.ndarray, t2i_s: np.ndarray | None, cpi: int,
+                chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """i2t ranks on ``s``, t2i ranks on ``t2i_s`` (or on ``s`` too, in the same pass)."""
+    if t2i_s is None:
+        return _ranks(s, cpi, chunk_size, True, True)
+    return _ranks(s, cpi, chunk_size, True, False)[0], _ranks(t2i_s, cpi, chunk_size, False, True)[1]
+
+
+def _t2i_matrix(t2i_sims: Any, s: np.ndarray, captions_per_image: int) -> np.ndarray | None:
+    if t2i_sims is None:
+        return None
+    t = _as_matrix(t2i_sims, captions_per_image)
+    if t.shape != s.shape:
+        raise InputError(f"t2i_sims has shape {tuple(t.shape)}, sims {tuple(s.shape)}; they must match")
+    return t
+
+
 def retrieval_metrics(
-    sims: Any, captions_per_image: int = 5, chunk_size: int = DEFAULT_CHUNK
+    sims: Any, captions_per_image: int = 5, chunk_size: int = DEFAULT_CHUNK, t2i_sims: Any = None
 ) -> dict[str, float | int]:
     """Recall@{1,5,10} (percent), rsum, median and mean rank (1-based) in both directions for ``sims [N, 5N]``.
 
-    Keys: ``METRIC_KEYS``. Raises InputError (naming the shape) unless sims is 2-D with 5 x rows columns, or if it
-    holds NaN.
+    ``t2i_sims [N, 5N]``: rank text->image on this matrix instead, for scores that depend on the direction of the
+    query (query-bank normalisation, :mod:`selfalign.evaluate.querybank`). Keys: ``METRIC_KEYS``. Raises InputError
+    (naming the shape) unless sims is 2-D with 5 x rows columns, or if it holds NaN.
     """
     s = _as_matrix(sims, captions_per_image)
-    i2t, t2i = _ranks(s, captions_per_image, chunk_size, True, True)
+    i2t, t2i = _both_ranks(s, _t2i_matrix(t2i_sims, s, captions_per_image), captions_per_image, chunk_size)
     return _summarise(i2t, t2i)
 
 
 def fold5_metrics(
-    sims: Any, captions_per_image: int = 5, chunk_size: int = DEFAULT_CHUNK, n_folds: int = 5
+    sims: Any, captions_per_image: int = 5, chunk_size: int = DEFAULT_CHUNK, n_folds: int = 5, t2i_sims: Any = None
 ) -> dict[str, Any]:
     """COCO 1K protocol: ``sims [N, 5N]`` split into 5 contiguous folds of N/5 images and their 5N/5 captions.
 
     Every metric is the mean over folds of the per-fold value (rsum = mean of per-fold rsums). ``n_images`` and
-    ``n_captions`` are the per-fold sizes; ``n_folds`` and ``folds`` (the per-fold dicts) are added.
+    ``n_captions`` are the per-fold sizes; ``n_folds`` and ``folds`` (the per-fold dicts) are added. ``t2i_sims``:
+    as in :func:`retrieval_metrics`.
     """
     s = _as_matrix(sims, captions_per_image)
+    t = _t2i_matrix(t2i_sims, s, captions_per_image)
     n = s.shape[0]
     if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 1:
         raise InputError(f"n_folds must be a positive integer, got {n_folds!r}")
@@ -179,12 +199,14 @@ def fold5_metrics(
         )
     _check_chunk(chunk_size)
     for r0 in range(0, n, chunk_size):
-        _check_no_nan(s, r0, r0 + chunk_size)  # also outside the folds' diagonal blocks: a NaN means a broken run
+        for matrix in (s,) if t is None else (s, t):  # also outside the folds' diagonal blocks: a broken run
+            _check_no_nan(matrix, r0, r0 + chunk_size)
     size = n // n_folds
     folds = []
     for f in range(n_folds):
-        part = s[f * size:(f + 1) * size, f * size * captions_per_image:(f + 1) * size * captions_per_image]
-        i2t, t2i = _ranks(part, captions_per_image, chunk_size, True, True)
+        rows, cols = slice(f * size, (f + 1) * size), slice(f * size * captions_per_image,
+                                                             (f + 1) * size * captions_per_image)
+        i2t, t2i = _both_ranks(s[rows, cols], None if t is None else t[rows, cols], captions_per_image, chunk_size)
         folds.append(_summarise(i2t, t2i))
     out: dict[str, Any] = {k: float(np.mean([fd[k] for fd in folds])) for k in METRIC_KEYS}
     out["n_images"], out["n_captions"] = size, size * captions_per_image
@@ -194,12 +216,14 @@ def fold5_metrics(
 
 
 def protocol_metrics(
-    sims: Any, fold5: bool = False, captions_per_image: int = 5, chunk_size: int = DEFAULT_CHUNK
+    sims: Any, fold5: bool = False, captions_per_image: int = 5, chunk_size: int = DEFAULT_CHUNK,
+    t2i_sims: Any = None,
 ) -> dict[str, Any]:
-    """The metrics of ``sims [N, 5N]`` under the chosen protocol: COCO 1K's 5 folds, or the whole matrix at once."""
+    """The metrics of ``sims [N, 5N]`` under the chosen protocol: COCO 1K's 5 folds, or the whole matrix at once.
+    ``t2i_sims``: text->image ranked on this matrix instead (:func:`retrieval_metrics`)."""
     if fold5:
-        return fold5_metrics(sims, captions_per_image, chunk_size)
-    return retrieval_metrics(sims, captions_per_image, chunk_size)
+        return fold5_metrics(sims, captions_per_image, chunk_size, t2i_sims=t2i_sims)
+    return retrieval_metrics(sims, captions_per_image, chunk_size, t2i_sims=t2i_sims)
 
 
 def format_table(metrics: dict[str, Any]) -> str:

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from selfalign.data.batches import RegionStore
+from selfalign.errors import InputError
 from selfalign.evaluate.metrics import protocol_metrics
+from selfalign.evaluate.querybank import QueryBank
 from selfalign.model.model import RetrievalModel
 
 
@@ -58,9 +60,10 @@ def _collect(model: RetrievalModel, encoded, with_locals: bool):
 
 
 @torch.inference_mode()
-def _encode_images(model: RetrievalModel, store: RegionStore, batch_size: int, with_locals: bool):
-    batches = (store.get(np.arange(start, min(start + batch_size, len(store))), model.device)
-               for start in range(0, len(store), batch_size))
+def _encode_images(model: RetrievalModel, store: RegionStore, batch_size: int, with_locals: bool,
+                   rows: np.ndarray | None = None):
+    rows = np.arange(len(store)) if rows is None else np.asarray(rows)
+    batches = (store.get(rows[start:start + batch_size], model.device) for start in range(0, len(rows), batch_size))
     return _collect(model, (model.encode_image(regions, mask) for regions, mask in batches), with_locals)
 
 
@@ -71,9 +74,10 @@ def _encode_captions(model: RetrievalModel, captions: list[str], batch_size: int
     return _collect(model, (model.encode_text(t) for t in tokens), with_locals)
 
 
-def encode_images(model: RetrievalModel, store: RegionStore, batch_size: int = 256) -> torch.Tensor:
-    """All images of ``store`` -> ``[N, E]``."""
-    return _encode_images(model, store, batch_size, False)[0]
+def encode_images(model: RetrievalModel, store: RegionStore, batch_size: int = 256,
+                  rows: np.ndarray | None = None) -> torch.Tensor:
+    """All images of ``store`` -> ``[N, E]``; ``rows``: only these images, in this order -> ``[len(rows), E]``."""
+    return _encode_images(model, store, batch_size, False, rows)[0]
 
 
 def encode_captions(model: RetrievalModel, captions: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -129,12 +133,22 @@ def similarity_matrix(emb: SplitEmbeddings) -> torch.Tensor:
         return loc.score(loc.images, loc.image_mask, loc.captions, loc.caption_mask, device=loc.device).cpu()
 
 
-def score_embeddings(emb: SplitEmbeddings, fold5: bool = False) -> dict:
-    """:func:`similarity_matrix`, then the protocol's metrics (+ timings)."""
+def score_embeddings(emb: SplitEmbeddings, fold5: bool = False, querybank: QueryBank | None = None) -> dict:
+    """:func:`similarity_matrix`, then the protocol's metrics (+ timings); ``querybank``: each direction ranked on
+    the query-bank-normalised scores (:mod:`selfalign.evaluate.querybank`)."""
+    if querybank is not None and emb.locals is not None:
+        raise InputError("query-bank normalisation discounts embeddings; a cross-attention run scores pairs instead")
     start = time.perf_counter()
     sims = similarity_matrix(emb)
-    sim_seconds = time.perf_counter() - start
-    metrics = protocol_metrics(sims.numpy(), fold5)
+    if querybank is None:
+        sim_seconds = time.perf_counter() - start
+        metrics = protocol_metrics(sims.numpy(), fold5)
+    else:
+        i2t, t2i = querybank.normalise(sims, emb.images, emb.captions)
+        sim_seconds = time.perf_counter() - start
+        metrics = protocol_metrics(i2t.numpy(), fold5, t2i_sims=t2i.numpy())
+        metrics["querybank"] = {"beta": querybank.beta, "captions": int(querybank.captions.shape[0]),
+                                "images": int(querybank.images.shape[0]), "split": querybank.info.get("split")}
     metrics["encode_seconds"] = round(emb.seconds, 4)
     metrics["similarity_seconds"] = round(sim_seconds, 4)
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def _cmd_index(args) -> None:
     report = build_gallery(
         args.run_dir, args.out, args.images, dataset=args.dataset, root=args.root, split=args.split, add=args.add,
         overwrite=args.overwrite, backend=args.backend, uri=args.uri, kind=args.kind, device=args.device,
-        batch_size=args.batch_size, cache_dir=args.cache, progress=not args.quiet,
+        batch_size=args.batch_size, cache_dir=args.cache, progress=not args.quiet, querybank=args.querybank,
     )  # fmt: skip
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable file(s):", file=sys.stderr)
@@ -91,6 +92,9 @@ def register(subparsers) -> None:
     p.add_argument("--kind", default="auto", help="index structure: auto, flat, hnsw, ivfpq (faiss)")
     p.add_argument("--cache", help="extracted-feature cache (default: INDEX_DIR.cache beside the gallery)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--querybank", action=argparse.BooleanOptionalAction, default=None,
+                   help="store the run's query-bank discount with every vector (`selfalign querybank RUN`); "
+                        "default: when the run has a bank")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_index)

@@ -14,7 +14,6 @@ Gallery ids are opaque integers; the API exposes only those, never file paths. B
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -28,25 +27,13 @@ from PIL import Image
 from selfalign.errors import InputError
 from selfalign.index.base import read_json_manifest
 from selfalign.index.gallery_regions import RegionExtractor, RegionPlan
+from selfalign.model.checkpoint import model_hash
 
 FORMAT, FORMAT_VERSION = "selfalign-gallery", 1
 MANIFEST, IMAGES, CAPTIONS, REGIONS = "gallery.json", "images.jsonl", "captions.jsonl", "regions.npy"
 IMAGE_VECTORS, CAPTION_VECTORS = "vectors", "caption_vectors"
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
-
-
-def model_hash(run_dir: str | os.PathLike) -> str:
-    """sha256 over the run's config, vocabulary and weights: an index is only valid for the model that built it."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "vocab.json", "model.safetensors"):
-        path = Path(run_dir) / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0")
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
@@ -104,6 +91,8 @@ class Gallery:
         self._caption_row = {int(rec["id"]): i for i, rec in enumerate(captions)}
         self._extractor: RegionExtractor | None = None
         self._lock = threading.Lock()
+        # vectors that carry a query-bank discount as a last coordinate (gallery_build._discounted)
+        self.querybank = manifest.get("querybank")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", run_dir: str | None = None,
@@ -202,10 +191,19 @@ class Gallery:
         return vector
 
     # ------------------------------------------------------------------------------------------------
+    def _query(self, vectors: np.ndarray, cross_modal: bool) -> np.ndarray:
+        """Query embeddings ``[Q, E]`` as the index expects them: in a gallery with a query bank ``[Q, E + 1]``, the
+        last coordinate 1 to apply the stored discount (text <-> image), 0 to score plainly (image -> image)."""
+        if not self.querybank:
+            return vectors
+        column = np.full((len(vectors), 1), 1.0 if cross_modal else 0.0, dtype=np.float32)
+        return np.concatenate([vectors, column], axis=1)
+
     def search_text(self, query: str, k: int = 10) -> list[dict[str, Any]]:
-        """Text -> the ``k`` best images: ``[{"id", "image_id", "score"}]``, best first."""
+        """Text -> the ``k`` best images: ``[{"id", "image_id", "score"}]``, best first (scores query-bank
+        normalised when the gallery was built with a bank)."""
         query = _check_query(query)
-        return self._image_hits(self.image_index.search(self.encode_text([query]), _check_k(k)))
+        return self._image_hits(self.image_index.search(self._query(self.encode_text([query]), True), _check_k(k)))
 
     def search_image(self, image: str | os.PathLike | Image.Image, k: int = 10,
                      target: str = "images") -> list[dict[str, Any]]:
@@ -219,8 +217,8 @@ class Gallery:
                              "search needs a gallery built from a captioned dataset split (--dataset/--root/--split)")
         vector = self.encode_image(image)
         if target == "images":
-            return self._image_hits(self.image_index.search(vector, k))
-        scores, ids = self.caption_index.search(vector, k)
+            return self._image_hits(self.image_index.search(self._query(vector, False), k))
+        scores, ids = self.caption_index.search(self._query(vector, True), k)
         hits = []
         for score, cid in zip(scores[0].tolist(), ids[0].tolist()):
             row = self._caption_row.get(cid)

@@ -131,6 +131,37 @@ def _encode_new(model: Any, regions_path: Path, start: int, counts: np.ndarray, 
     return average_views(torch.from_numpy(embeddings), torch.from_numpy(mirrored)).numpy()
 
 
+def _gallery_querybank(run_dir: Path, out: Path, requested: bool | None,
+                       old_manifest: dict[str, Any] | None) -> Any:
+    """The run's QueryBank when the gallery's vectors carry its discount, else None.
+
+    A new gallery uses the run's bank when ``requested`` is True, or is None and the run has one; ``--add`` keeps
+    what the gallery was built with and refuses a bank that changed since (old and new images would be discounted
+    differently).
+    """
+    from selfalign.evaluate.querybank import QueryBank
+
+    if old_manifest is not None:
+        recorded = old_manifest.get("querybank")
+        if requested is not None and requested != bool(recorded):
+            raise InputError(f"{out / MANIFEST}: the gallery was built {'with' if recorded else 'without'} a query "
+                             f"bank; images added to it must be indexed the same way (rebuild to change that)")
+        if not recorded:
+            return None
+        if not QueryBank.exists(run_dir) or QueryBank.file_hash(run_dir) != recorded["sha256"]:
+            raise InputError(f"{out / MANIFEST}: the query bank of {run_dir} is not the one the gallery was built "
+                             f"with (rebuilt?); rebuild the gallery with --overwrite")
+    elif requested is False or (requested is None and not QueryBank.exists(run_dir)):
+        return None
+    return QueryBank.load(run_dir, model_hash(run_dir))
+
+
+def _discounted(vectors: np.ndarray, discount: Any) -> np.ndarray:
+    """``[M, E]`` -> ``[M, E + 1]``: the bank's discount as a last coordinate, negated, so that a query ``[q, 1]``
+    scores ``q·v - discount`` in one inner product (``[q, 0]``: the plain score)."""
+    return np.concatenate([vectors, -discount.numpy()[:, None]], axis=1).astype(np.float32)
+
+
 def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -150,13 +181,19 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
                   dataset: str | None = None, root: str | os.PathLike | None = None, split: str = "test",
                   add: bool = False, overwrite: bool = False, backend: str = "faiss", uri: str | None = None,
                   kind: str = "auto", device: str = "cpu", batch_size: int = 16,
-                  cache_dir: str | os.PathLike | None = None, progress: bool = True) -> BuildReport:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                  querybank: bool | None = None) -> BuildReport:
     """Index ``images`` (a folder) or a dataset split (``dataset``, ``root``, ``split``) with the run's model.
 
     ``add``: append to the existing gallery at ``out`` (images it already holds are left out); ``overwrite``:
     replace it. A gallery already at ``out`` with neither is refused, so a forgotten ``--add`` loses nothing.
     ``cache_dir`` (default ``<out>.cache``) keeps extracted region features, so a rebuild or a resumed build is fast.
+    ``querybank``: store the run's query-bank discount with every vector (:mod:`selfalign.evaluate.querybank`);
+    None: when the run has a bank (``selfalign querybank RUN``).
     """
+    import torch
+
+    from selfalign.evaluate.querybank import QueryBank
     from selfalign.evaluate.runner import encode_captions
     from selfalign.model.checkpoint import load_model, read_run_config
     from selfalign.train.trainer import resolve_device
@@ -188,6 +225,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         raise InputError(f"{out}: already holds a gallery of {read_manifest(out)['images']} image(s); pass --add to "
                          f"add these images to it, or --overwrite to replace it")
     replaced = _milvus_collections(out) if not add and has_gallery else []
+    bank = _gallery_querybank(run_dir, out, querybank, old_manifest)
     dev = resolve_device(device)
     model, _ = load_model(run_dir, dev)
     plan = RegionPlan.from_dict(old_manifest["query_regions"], str(out / MANIFEST)) if add else plan_regions(cfg)
@@ -233,6 +271,8 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         boxes, counts = _write_regions(tmp / REGIONS, old_regions, new, cfg.model.image_dim)
         embeddings = _encode_new(model, tmp / REGIONS, len(old_images), counts, new)
         next_id = int(old_manifest.get("next_id", len(old_images))) if add else 0
+        if bank is not None:
+            embeddings = _discounted(embeddings, bank.image_discount(torch.from_numpy(embeddings)))
         _, start = _append_vectors(out / IMAGE_VECTORS if add else None, backend, kind, uri, "images", embeddings,
                                    next_id, tmp / IMAGE_VECTORS)
         new_rows = [{"id": start + i, "image_id": image_id, "path": path, "boxes": b}
@@ -242,7 +282,8 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         next_caption = int(old_manifest.get("next_caption_id", len(old_captions))) if add else 0
         if new.captions is not None:
             texts = [c for caps in new.captions for c in caps]
-            vectors = encode_captions(model, texts).numpy()
+            vectors = encode_captions(model, texts)
+            vectors = vectors.numpy() if bank is None else _discounted(vectors.numpy(), bank.caption_discount(vectors))
             had = add and bool(old_manifest["captions"])
             _, cstart = _append_vectors(out / CAPTION_VECTORS if had else None, backend, kind, uri, "captions",
                                         vectors, next_caption, tmp / CAPTION_VECTORS)
@@ -255,7 +296,10 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         now = _now()
         write_json(tmp / MANIFEST, {
             "format": FORMAT, "version": FORMAT_VERSION, "run_dir": str(run_dir), "model_hash": model_hash(run_dir),
-            "backend": backend, "embedding_dim": int(embeddings.shape[1]), "images": len(old_images) + len(new_rows),
+            "backend": backend, "embedding_dim": int(model.embedding_dim), "images": len(old_images) + len(new_rows),
+            "querybank": None if bank is None else {
+                "beta": bank.beta, "sha256": QueryBank.file_hash(run_dir), "captions": int(bank.captions.shape[0]),
+                "images": int(bank.images.shape[0])},
             "captions": len(captions), "next_id": start + len(new_rows), "next_caption_id": next_caption,
             "image_root": old_manifest.get("image_root") if add else source["path"],
             "query_regions": plan.to_dict(), "created": old_manifest.get("created") if add else now, "updated": now,

@@ -5,6 +5,7 @@ Loading is strict: a key that is missing or unexpected is an error, never silent
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,6 +36,20 @@ def save_run_files(run_dir: str | Path, cfg: RunConfig, vocab: Vocabulary | None
     atomic.write_json(run_dir / CONFIG, config_to_dict(cfg))
     if vocab is not None:
         vocab.save(run_dir / VOCAB)
+
+
+def model_hash(run_dir: str | Path) -> str:
+    """sha256 over the run's config, vocabulary and weights: what was derived from a model (a gallery, a query bank)
+    is only valid for that model."""
+    digest = hashlib.sha256()
+    for name in (CONFIG, VOCAB, WEIGHTS):
+        path = Path(run_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0")
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
