@@ -12,6 +12,10 @@ Runs go in the order of their priority (seed 0 of the main pair first). A finish
 an interrupted one resumes, so the script can be stopped and rerun at any time; several copies may run at once on
 different ``--configs``. Every invocation rewrites ``results.json`` and ``results.md`` from all finished runs.
 ``--quick`` runs the whole path on a tiny subset (a few images per split, tiny model) in well under a minute.
+
+Each selfalign / base run is also scored with its query bank (``selfalign querybank``: training captions and images,
+beta chosen on dev; ``eval_querybank.json``), reported as ``selfalign+querybank`` / ``base+querybank``;
+``--no-querybank`` leaves that out.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ PUBLISHED = {
     "HGLMM Fisher vectors (Klein et al. 2015)": (31.0, 59.3, 73.7, 21.2, 50.0, 64.8, 300.0),
 }
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base"), "+querybank"
 
 
 def now() -> str:
@@ -114,13 +119,30 @@ def run_one(name: str, seed: int, store: Path, args, extra: list[str]) -> dict:
     return metrics
 
 
+def score_with_querybank(run_dir: Path, device: str) -> dict:
+    """Build the run's query bank and score the test split with it (``eval_querybank.json``; done once)."""
+    from selfalign.pipeline import build_querybank, evaluate_run
+
+    path = run_dir / "eval_querybank.json"
+    if path.is_file() and "querybank_seconds" in (metrics := json.loads(path.read_text())):
+        return metrics
+    started = time.perf_counter()
+    bank = build_querybank(run_dir, device=device)
+    metrics = evaluate_run(run_dir, "test", device=device, querybank=True)
+    metrics.update(querybank_seconds=round(time.perf_counter() - started, 1), dev_rsum_plain=bank["dev_rsum_plain"],
+                   dev_rsum_by_beta=bank["dev_rsum_by_beta"], finished=now())
+    atomic.write_json(path, metrics)
+    return metrics
+
+
 def collect(out: Path) -> dict:
-    """Every finished run under ``out``: {config: {seed: metrics}}."""
+    """Every finished run under ``out``: {config: {seed: metrics}}, query-bank scores as ``config+querybank``."""
     results: dict = {}
-    for path in sorted(out.glob("*-seed*/eval.json")):
-        name, seed = path.parent.name.rsplit("-seed", 1)
-        if name in CONFIGS:
-            results.setdefault(name, {})[seed] = json.loads(path.read_text())
+    for file, suffix in (("eval.json", ""), ("eval_querybank.json", QUERYBANK)):
+        for path in sorted(out.glob(f"*-seed*/{file}")):
+            name, seed = path.parent.name.rsplit("-seed", 1)
+            if name in CONFIGS:
+                results.setdefault(name + suffix, {})[seed] = json.loads(path.read_text())
     return results
 
 
@@ -133,10 +155,12 @@ def summarise(results: dict) -> dict:
             row[key] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
         row["train_seconds_mean"] = statistics.fmean(m.get("train_seconds", 0.0) for m in per_seed.values())
         summary[name] = row
-    if "selfalign" in results and "base" in results:
-        common = sorted(set(results["selfalign"]) & set(results["base"]))
-        gains = {s: results["selfalign"][s]["rsum"] - results["base"][s]["rsum"] for s in common}
-        summary["selfalign_gain"] = {"per_seed": gains, "mean": statistics.fmean(gains.values()) if gains else None}
+    for suffix in ("", QUERYBANK):
+        ours, base = results.get("selfalign" + suffix), results.get("base" + suffix)
+        if ours and base:
+            gains = {s: ours[s]["rsum"] - base[s]["rsum"] for s in sorted(set(ours) & set(base))}
+            summary["selfalign_gain" + suffix] = {"per_seed": gains,
+                                                  "mean": statistics.fmean(gains.values()) if gains else None}
     return summary
 
 
@@ -152,17 +176,18 @@ def markdown(results: dict, summary: dict, command: str) -> str:
     lines += ["", "Mean ± std over seeds, with published Flickr8k 1K-test results:\n",
               head.format("config", "seeds").rstrip("\n")]
     for name, row in summary.items():
-        if name == "selfalign_gain":
+        if name.startswith("selfalign_gain"):
             continue
         cells = " | ".join(f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" if len(row["seeds"]) > 1
                            else f"{row[k]['mean']:.1f}" for k in METRICS)
         lines.append(f"| {name} | {cells} | {len(row['seeds'])} |")
     for paper, values in PUBLISHED.items():
         lines.append(f"| {paper} | " + " | ".join(f"{v:.1f}" for v in values) + " | — |")
-    gain = summary.get("selfalign_gain")
-    if gain and gain["mean"] is not None:
-        per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in gain["per_seed"].items())
-        lines.append(f"\nSelfAlign − base rsum: mean {gain['mean']:+.1f} ({per})")
+    for suffix, label in (("", ""), (QUERYBANK, ", both with their query banks")):
+        gain = summary.get("selfalign_gain" + suffix)
+        if gain and gain["mean"] is not None:
+            per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in gain["per_seed"].items())
+            lines.append(f"\nSelfAlign − base rsum{label}: mean {gain['mean']:+.1f} ({per})")
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per run (1 is fastest on a busy 2-core machine)")
     parser.add_argument("--quick", action="store_true", help="a tiny subset and model: checks the path end to end")
+    parser.add_argument("--no-querybank", dest="querybank", action="store_false",
+                        help="do not score the selfalign / base runs with their query banks")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every run")
     args = parser.parse_args(argv)
     args.out = args.out or Path("runs/flickr8k-quick" if args.quick else "runs/flickr8k")
@@ -229,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
                           extra if name == "bigru" else [])
         print(f"{name:10s} seed {seed}: rsum {metrics['rsum']:.1f}  i2t R@1 {metrics['i2t_r1']:.1f}  "
               f"t2i R@1 {metrics['t2i_r1']:.1f}  train {metrics.get('train_seconds', 0):.0f}s", flush=True)
+        if args.querybank and name in QUERYBANK_CONFIGS:
+            banked = score_with_querybank(args.out / f"{name}-seed{seed}", "auto")
+            print(f"{name:10s} seed {seed}: rsum {banked['rsum']:.1f} with its query bank (beta "
+                  f"{banked['querybank']['beta']:g}, {banked['querybank_seconds']:.0f}s)", flush=True)
     results = collect(args.out)
     summary = summarise(results)
     extraction = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("extract_*.json"))}

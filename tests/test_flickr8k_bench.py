@@ -135,12 +135,16 @@ def test_benchmark_quick_runs_end_to_end_and_resumes(tmp_path):
 def _quick_and_resume(bench, out: Path) -> None:
     args = ["--data", str(FLICKR8K), "--out", str(out), "--quick", "--seeds", "0", "--configs", "selfalign,base"]
     report = bench.main(args)
-    assert set(report["runs"]) == {"selfalign", "base"}
+    assert set(report["runs"]) == {"selfalign", "base", "selfalign+querybank", "base+querybank"}
     for name in ("selfalign", "base"):
         metrics = json.loads((out / f"{name}-seed0" / "eval.json").read_text())
         assert metrics["n_images"] == bench.QUICK_IMAGES["test"] and metrics["n_captions"] == 5 * metrics["n_images"]
         assert 0 <= metrics["rsum"] <= 600 and metrics["train_seconds"] > 0
     assert "SelfAlign − base rsum" in (out / "results.md").read_text()
+    assert set(report["summary"]) >= {"selfalign+querybank", "base+querybank", "selfalign_gain+querybank"}
+    banked = json.loads((out / "selfalign-seed0" / "eval_querybank.json").read_text())
+    assert banked["querybank"]["split"] == "train" and banked["querybank_seconds"] > 0
+    assert (out / "selfalign-seed0" / "querybank.safetensors").is_file()
     for split in bench.SPLITS:  # the main config flips images: the mirrored copies were extracted beside the splits
         assert (out / "features" / "grid" / f"{split}_mirror_ims.npy").is_file()
     stamp = (out / "base-seed0" / "eval.json").stat().st_mtime_ns

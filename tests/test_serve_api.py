@@ -183,7 +183,8 @@ def test_gallery_without_captions(tiny_scenes_run, gallery, tmp_path):
     client = TestClient(create_app(Gallery.load(tmp_path / "g")))
     response = _upload(client, gallery.image_path(0).read_bytes(), target="captions")
     assert response.status_code == 409 and "no captions" in response.json()["error"]
-    assert client.get("/api/info").json()["has_captions"] is False
+    info = client.get("/api/info").json()
+    assert info["has_captions"] is False and info["querybank"] is None
     # the image file vanished after indexing: a 404, not a crash
     (folder / gallery.image_path(1).name).unlink()
     assert client.get("/api/images/1").status_code == 404

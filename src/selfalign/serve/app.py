@@ -151,12 +151,13 @@ def create_app(gallery: Gallery, token: str | None = None, max_upload: int = MAX
         """What the gallery holds (counts, whether image -> caption search is possible)."""
         m = gallery.manifest
         return {"images": len(gallery), "captions": len(gallery.captions), "has_captions": gallery.has_captions,
-                "backend": m["backend"], "updated": m.get("updated"), "max_k": MAX_K,
+                "backend": m["backend"], "updated": m.get("updated"), "querybank": m.get("querybank"), "max_k": MAX_K,
                 "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": max_upload}
 
     @app.get("/api/search", tags=["search"])
     def search(q: str = Q, k: int = K) -> dict[str, Any]:
-        """Text -> images, best first, with scores (dot products of the retrieval embeddings)."""
+        """Text -> images, best first, with scores (dot products of the retrieval embeddings, minus each image's
+        query-bank discount when the gallery was built with one: see ``querybank`` in /api/info)."""
         return {"query": q, "results": [_image_hit(h) for h in gallery.search_text(q, k)]}
 
     @app.post("/api/search/image", tags=["search"])
