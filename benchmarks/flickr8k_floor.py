@@ -1,6 +1,7 @@
 """Issue 4's floor: a linear map from frozen whole-image features to frozen MiniLM sentence vectors.
 
     python benchmarks/flickr8k_floor.py --features features/flickr8k/grid [--epochs 20] [--seeds 0,1,2] [--mirror train,test]
+        [--querybank]
 
 No regions, no SelfAlign, no fine-tuning: region 0 of each image (the mean of the EfficientNet-Lite0 feature map,
 1280-d) goes through one linear layer into the 384-d space of all-MiniLM-L6-v2's sentence vectors (masked mean of
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from selfalign import atomic
 from selfalign.data.precomp import load_feature_split, load_mirror_split
 from selfalign.evaluate.metrics import retrieval_metrics
+from selfalign.evaluate.querybank import QueryBank, choose_beta, sample_rows
 from selfalign.losses import hinge_triplet_loss
 from selfalign.model.gpo import masked_mean
 from selfalign.model.text_encoder import MiniLMTextEncoder
@@ -46,11 +48,14 @@ def sentence_vectors(encoder: MiniLMTextEncoder, captions: list[str], batch: int
 
 
 def train_probe(images: dict, texts: dict, epochs: int, seed: int, lr: float, batch: int,
-                mirrored: dict | None = None, mirror_train: bool = False, mirror_test: bool = False) -> dict:
+                mirrored: dict | None = None, mirror_train: bool = False, mirror_test: bool = False,
+                querybank: bool = False) -> dict:
     """Fit the linear map; returns the dev curve and the test metrics at the best dev epoch.
 
     ``mirrored``: the whole-image features of the mirrored images, per split; ``mirror_train`` trains each pair on
     its image's mirrored copy with probability 1/2, ``mirror_test`` scores the normalised mean of both views.
+    ``querybank``: also score that epoch's map with a query bank, as ``selfalign querybank`` builds one (10,000
+    training captions, 5,000 training images, beta chosen on dev): the floor for query-bank-normalised models.
     """
     torch.manual_seed(seed)
     probe = torch.nn.Linear(images["train"].shape[1], texts["train"].shape[1])
@@ -84,9 +89,28 @@ def train_probe(images: dict, texts: dict, epochs: int, seed: int, lr: float, ba
             curve.append(round(dev["rsum"], 2))
             if best is None or dev["rsum"] > best[0]:
                 test = retrieval_metrics((embed("test") @ texts["test"].T).numpy())
-                best = (dev["rsum"], epoch + 1, test)
-    return {"seed": seed, "dev_rsum_per_epoch": curve, "best_epoch": best[1],
-            "test": {k: round(best[2][k], 2) for k in KEYS}}
+                best = (dev["rsum"], epoch + 1, test, {k: v.clone() for k, v in probe.state_dict().items()})
+    out = {"seed": seed, "dev_rsum_per_epoch": curve, "best_epoch": best[1],
+           "test": {k: round(best[2][k], 2) for k in KEYS}}
+    if querybank:
+        probe.load_state_dict(best[3])
+        with torch.no_grad():
+            out["querybank"] = _score_with_querybank(embed, texts)
+    return out
+
+
+def _score_with_querybank(embed, texts: dict) -> dict:
+    """The probe's test metrics on query-bank-normalised scores (:mod:`selfalign.evaluate.querybank`)."""
+    bank_texts = texts["train"][torch.from_numpy(sample_rows(len(texts["train"]), 10_000, 1))]
+    train_images = embed("train")
+    bank_images = train_images[torch.from_numpy(sample_rows(len(train_images), 5_000, 0))]
+    beta, table, plain = choose_beta(embed("dev"), texts["dev"], bank_texts, bank_images)
+    test_images = embed("test")
+    i2t, t2i = QueryBank(bank_texts, bank_images, beta).normalise(test_images @ texts["test"].T, test_images,
+                                                                   texts["test"])
+    test = retrieval_metrics(i2t.numpy(), t2i_sims=t2i.numpy())
+    return {"beta": beta, "dev_rsum_plain": round(plain, 2), "dev_rsum_by_beta": table,
+            "test": {k: round(test[k], 2) for k in KEYS}}
 
 
 def main() -> None:
@@ -100,6 +124,8 @@ def main() -> None:
     parser.add_argument("--mirror", default="", choices=["", "train", "test", "train,test"],
                         help="use the store's mirrored copies (extract --mirror): flip augmentation in training, "
                              "the mean of both views in scoring, or both")
+    parser.add_argument("--querybank", action="store_true",
+                        help="also score each probe with a query bank of training queries (beta chosen on dev)")
     parser.add_argument("--json", type=Path, help="write the results here (atomically)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -116,13 +142,19 @@ def main() -> None:
     encode_s = time.perf_counter() - started
     modes = args.mirror.split(",")
     runs = [train_probe(images, texts, args.epochs, int(s), args.lr, args.batch_size, mirrored, "train" in modes,
-                        "test" in modes) for s in args.seeds.split(",")]
-    summary = {k: {"mean": round(statistics.fmean(r["test"][k] for r in runs), 2),
-                   "std": round(statistics.stdev(r["test"][k] for r in runs), 2) if len(runs) > 1 else 0.0}
-               for k in KEYS}
+                        "test" in modes, args.querybank) for s in args.seeds.split(",")]
+
+    def mean_std(tests: list[dict]) -> dict:
+        return {k: {"mean": round(statistics.fmean(t[k] for t in tests), 2),
+                    "std": round(statistics.stdev(t[k] for t in tests), 2) if len(tests) > 1 else 0.0}
+                for k in KEYS}
+
+    summary = mean_std([r["test"] for r in runs])
     result = {"features": str(args.features), "mirror": args.mirror, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
               "threads": args.threads, "encode_seconds": round(encode_s, 1),
               "seconds": round(time.perf_counter() - started, 1), "runs": runs, "test_mean_std": summary}
+    if args.querybank:
+        result["querybank_test_mean_std"] = mean_std([r["querybank"]["test"] for r in runs])
     print(json.dumps(result, indent=1))
     if args.json:
         atomic.write_json(args.json, result)

@@ -46,3 +46,19 @@ def test_probe_mirror_views_train_and_score():
     both = floor.train_probe(images, texts, epochs=4, seed=0, lr=1e-2, batch=32, mirrored=mirrored,
                              mirror_train=True, mirror_test=True)
     assert both["test"]["rsum"] > 400 and both["dev_rsum_per_epoch"] != plain["dev_rsum_per_epoch"]
+
+
+def test_probe_scored_with_a_query_bank_reports_beta_and_test():
+    floor = _load()
+    torch.manual_seed(0)
+    truth = torch.randn(24, 12)
+    images, texts = {}, {}
+    for split, n in (("train", 64), ("dev", 16), ("test", 16)):
+        images[split] = torch.randn(n, 24)
+        texts[split] = F.normalize((images[split] @ truth).repeat_interleave(5, 0) + 0.3 * torch.randn(5 * n, 12), dim=-1)
+    result = floor.train_probe(images, texts, epochs=3, seed=0, lr=1e-2, batch=32, querybank=True)
+    bank = result["querybank"]
+    assert bank["beta"] in (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0, 50.0)
+    assert bank["dev_rsum_by_beta"][repr(bank["beta"])] == max(bank["dev_rsum_by_beta"].values())
+    assert bank["dev_rsum_plain"] == result["dev_rsum_per_epoch"][result["best_epoch"] - 1]
+    assert bank["test"]["rsum"] > 400
