@@ -18,15 +18,23 @@ def _load():
     return module
 
 
-def test_probe_learns_a_planted_linear_map():
-    floor = _load()
+def _planted(mirror: bool = False) -> tuple[dict, dict, dict]:
+    """Images of 24 features per split (64 / 16 / 16), five noisy captions each near a planted linear map of the
+    image, and (``mirror``) a second, noisy view of every image."""
     torch.manual_seed(0)
     truth = torch.randn(24, 12)
-    images, texts = {}, {}
+    images, texts, mirrored = {}, {}, {}
     for split, n in (("train", 64), ("dev", 16), ("test", 16)):
         images[split] = torch.randn(n, 24)
-        # five noisy captions per image, all near the image's true text vector
+        if mirror:
+            mirrored[split] = images[split] + 0.2 * torch.randn(n, 24)
         texts[split] = F.normalize((images[split] @ truth).repeat_interleave(5, 0) + 0.3 * torch.randn(5 * n, 12), dim=-1)
+    return images, texts, mirrored
+
+
+def test_probe_learns_a_planted_linear_map():
+    floor = _load()
+    images, texts, _ = _planted()
     result = floor.train_probe(images, texts, epochs=6, seed=0, lr=1e-2, batch=32)
     assert len(result["dev_rsum_per_epoch"]) == 6
     assert result["best_epoch"] == 1 + result["dev_rsum_per_epoch"].index(max(result["dev_rsum_per_epoch"]))
@@ -35,13 +43,7 @@ def test_probe_learns_a_planted_linear_map():
 
 def test_probe_mirror_views_train_and_score():
     floor = _load()
-    torch.manual_seed(0)
-    truth = torch.randn(24, 12)
-    images, texts, mirrored = {}, {}, {}
-    for split, n in (("train", 64), ("dev", 16), ("test", 16)):
-        images[split] = torch.randn(n, 24)
-        mirrored[split] = images[split] + 0.2 * torch.randn(n, 24)  # a second, noisy view of the same image
-        texts[split] = F.normalize((images[split] @ truth).repeat_interleave(5, 0) + 0.3 * torch.randn(5 * n, 12), dim=-1)
+    images, texts, mirrored = _planted(mirror=True)
     plain = floor.train_probe(images, texts, epochs=4, seed=0, lr=1e-2, batch=32)
     both = floor.train_probe(images, texts, epochs=4, seed=0, lr=1e-2, batch=32, mirrored=mirrored,
                              mirror_train=True, mirror_test=True)
@@ -50,12 +52,7 @@ def test_probe_mirror_views_train_and_score():
 
 def test_probe_scored_with_a_query_bank_reports_beta_and_test():
     floor = _load()
-    torch.manual_seed(0)
-    truth = torch.randn(24, 12)
-    images, texts = {}, {}
-    for split, n in (("train", 64), ("dev", 16), ("test", 16)):
-        images[split] = torch.randn(n, 24)
-        texts[split] = F.normalize((images[split] @ truth).repeat_interleave(5, 0) + 0.3 * torch.randn(5 * n, 12), dim=-1)
+    images, texts, _ = _planted()
     result = floor.train_probe(images, texts, epochs=3, seed=0, lr=1e-2, batch=32, querybank=True)
     bank = result["querybank"]
     assert bank["beta"] in (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0, 50.0)
