@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from selfalign import atomic
 from selfalign.errors import InputError
+from selfalign.evaluate.metrics import protocol_metrics
 
 BANK_FILE = "querybank.safetensors"
 DEFAULT_BETAS = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0, 50.0)
@@ -137,8 +138,6 @@ def choose_beta(images: torch.Tensor, captions: torch.Tensor, bank_captions: tor
                 fold5: bool = False) -> tuple[float, dict[str, float], float]:
     """Pick β by rsum on a dev split: ``images [N, E]``, ``captions [5N, E]``, the bank's ``[Bt, E]`` and
     ``[Bi, E]``. Returns (β, {β: rsum}, rsum without normalisation)."""
-    from selfalign.evaluate.metrics import protocol_metrics
-
     if not betas:
         raise InputError("choose_beta needs at least one beta")
     sims = images.float() @ captions.float().T
