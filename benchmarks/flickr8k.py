@@ -14,8 +14,8 @@ different ``--configs``. Every invocation rewrites ``results.json`` and ``result
 ``--quick`` runs the whole path on a tiny subset (a few images per split, tiny model) in well under a minute.
 
 Each selfalign / base run is also scored with its query bank (``selfalign querybank``: training captions and images,
-beta chosen on dev; ``eval_querybank.json``), reported as ``selfalign+querybank`` / ``base+querybank``;
-``--no-querybank`` leaves that out.
+each direction's beta chosen on dev; ``eval_querybank.json``), reported as ``selfalign+querybank`` /
+``base+querybank``; ``--no-querybank`` leaves that out.
 """
 
 from __future__ import annotations
@@ -119,18 +119,23 @@ def run_one(name: str, seed: int, store: Path, args, extra: list[str]) -> dict:
     return metrics
 
 
-def score_with_querybank(run_dir: Path, device: str) -> dict:
-    """Build the run's query bank and score the test split with it (``eval_querybank.json``; done once)."""
+def score_with_querybank(run_dir: Path, device: str) -> dict | None:
+    """Build the run's query bank and score the test split with it (``eval_querybank.json``; done once). None when
+    the bank improves neither direction on dev (no bank is written; ``querybank_skipped.json`` says so)."""
     from selfalign.pipeline import build_querybank, evaluate_run
 
-    path = run_dir / "eval_querybank.json"
+    path, skipped = run_dir / "eval_querybank.json", run_dir / "querybank_skipped.json"
     if path.is_file() and "querybank_seconds" in (metrics := json.loads(path.read_text())):
         return metrics
+    if skipped.is_file():
+        return None
     started = time.perf_counter()
     bank = build_querybank(run_dir, device=device)
+    if not bank["saved"]:
+        atomic.write_json(skipped, {"dev": bank["dev"], "finished": now()})
+        return None
     metrics = evaluate_run(run_dir, "test", device=device, querybank=True)
-    metrics.update(querybank_seconds=round(time.perf_counter() - started, 1), dev_rsum_plain=bank["dev_rsum_plain"],
-                   dev_rsum_by_beta=bank["dev_rsum_by_beta"], finished=now())
+    metrics.update(querybank_seconds=round(time.perf_counter() - started, 1), dev=bank["dev"], finished=now())
     atomic.write_json(path, metrics)
     return metrics
 
@@ -258,8 +263,13 @@ def main(argv: list[str] | None = None) -> dict:
               f"t2i R@1 {metrics['t2i_r1']:.1f}  train {metrics.get('train_seconds', 0):.0f}s", flush=True)
         if args.querybank and name in QUERYBANK_CONFIGS:
             banked = score_with_querybank(args.out / f"{name}-seed{seed}", "auto")
-            print(f"{name:10s} seed {seed}: rsum {banked['rsum']:.1f} with its query bank (beta "
-                  f"{banked['querybank']['beta']:g}, {banked['querybank_seconds']:.0f}s)", flush=True)
+            if banked is None:
+                print(f"{name:10s} seed {seed}: a query bank improves neither direction on dev; none used", flush=True)
+            else:
+                bank = banked["querybank"]
+                print(f"{name:10s} seed {seed}: rsum {banked['rsum']:.1f} with its query bank (beta "
+                      f"{bank['beta_images']} for images, {bank['beta_captions']} for captions, "
+                      f"{banked['querybank_seconds']:.0f}s)", flush=True)
     results = collect(args.out)
     summary = summarise(results)
     extraction = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("extract_*.json"))}

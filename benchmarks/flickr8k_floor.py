@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from selfalign import atomic
 from selfalign.data.precomp import load_feature_split, load_mirror_split
 from selfalign.evaluate.metrics import retrieval_metrics
-from selfalign.evaluate.querybank import QueryBank, choose_beta, sample_rows
+from selfalign.evaluate.querybank import QueryBank, choose_betas, sample_rows
 from selfalign.losses import hinge_triplet_loss
 from selfalign.model.gpo import masked_mean
 from selfalign.model.text_encoder import MiniLMTextEncoder
@@ -55,7 +55,8 @@ def train_probe(images: dict, texts: dict, epochs: int, seed: int, lr: float, ba
     ``mirrored``: the whole-image features of the mirrored images, per split; ``mirror_train`` trains each pair on
     its image's mirrored copy with probability 1/2, ``mirror_test`` scores the normalised mean of both views.
     ``querybank``: also score that epoch's map with a query bank, as ``selfalign querybank`` builds one (10,000
-    training captions, 5,000 training images, beta chosen on dev): the floor for query-bank-normalised models.
+    training captions, 5,000 training images, each direction's beta chosen on dev): the floor for
+    query-bank-normalised models.
     """
     torch.manual_seed(seed)
     probe = torch.nn.Linear(images["train"].shape[1], texts["train"].shape[1])
@@ -104,12 +105,12 @@ def _score_with_querybank(embed, texts: dict) -> dict:
     bank_texts = texts["train"][torch.from_numpy(sample_rows(len(texts["train"]), 10_000, 1))]
     train_images = embed("train")
     bank_images = train_images[torch.from_numpy(sample_rows(len(train_images), 5_000, 0))]
-    beta, table, plain = choose_beta(embed("dev"), texts["dev"], bank_texts, bank_images)
+    beta_images, beta_captions, table = choose_betas(embed("dev"), texts["dev"], bank_texts, bank_images)
     test_images = embed("test")
-    i2t, t2i = QueryBank(bank_texts, bank_images, beta).normalise(test_images @ texts["test"].T, test_images,
-                                                                   texts["test"])
+    bank = QueryBank(bank_texts, bank_images, beta_images, beta_captions)
+    i2t, t2i = bank.normalise(test_images @ texts["test"].T, test_images, texts["test"])
     test = retrieval_metrics(i2t.numpy(), t2i_sims=t2i.numpy())
-    return {"beta": beta, "dev_rsum_plain": round(plain, 2), "dev_rsum_by_beta": table,
+    return {"beta_images": beta_images, "beta_captions": beta_captions, "dev": table,
             "test": {k: round(test[k], 2) for k in KEYS}}
 
 

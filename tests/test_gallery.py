@@ -273,16 +273,26 @@ def test_a_gallery_with_a_query_bank_searches_the_normalised_scores(tiny_scenes_
     """Vectors carry the bank's discount: text -> image and image -> caption scores are ``s - discount`` (one
     inner product, checked against the brute-force normalisation), image -> image stays plain."""
     from selfalign.evaluate.querybank import QueryBank
-    from selfalign.pipeline import build_querybank
+    from selfalign.model.checkpoint import model_hash
 
     run = tmp_path / "run"
     shutil.copytree(tiny_scenes_run["run_dir"], run)  # the shared run must stay without a bank
-    build_querybank(run, betas=(3.0,), device="cpu")
-    bank = QueryBank.load(run)
+    model, _ = load_model(run)
+    train_split = load_feature_split(tiny_scenes_run["features"], "train")
+
+    def save_bank(beta_images, beta_captions) -> QueryBank:
+        """A bank of the training split, with the βs given (what `selfalign querybank` would choose on dev)."""
+        bank = QueryBank(encode_captions(model, list(train_split.captions)),
+                         encode_images(model, RegionStore(train_split.images, train_split.region_mask())),
+                         beta_images, beta_captions, {"model_hash": model_hash(run), "split": "train"})
+        bank.save(run)
+        return bank
+
+    bank = save_bank(3.0, 3.0)
     out = tmp_path / "g"
     build_gallery(run, out, dataset="scenes", root=tiny_scenes_run["root"], split="test", progress=False)
     manifest = read_manifest(out)
-    assert manifest["querybank"]["beta"] == 3.0 and manifest["querybank"]["sha256"] == QueryBank.file_hash(run)
+    assert manifest["querybank"]["beta_images"] == 3.0 and manifest["querybank"]["sha256"] == QueryBank.file_hash(run)
     gallery = Gallery.load(out)
     split = load_feature_split(tiny_scenes_run["features"], "test")
     images = encode_images(gallery.model, RegionStore(split.images, split.region_mask()))
@@ -310,9 +320,16 @@ def test_a_gallery_with_a_query_bank_searches_the_normalised_scores(tiny_scenes_
     assert len(after) == 14 and all(after[h["id"]] == pytest.approx(h["score"], abs=1e-4) for h in hits)
     with pytest.raises(InputError, match="built with a query bank"):
         build_gallery(run, out, image_folder, add=True, querybank=False, progress=False)
-    build_querybank(run, betas=(5.0,), device="cpu")
+    save_bank(5.0, None)
     with pytest.raises(InputError, match="not the one the gallery was built with"):
         build_gallery(run, out, image_folder, add=True, progress=False)
+    # a direction the bank leaves off: its vectors stay plain, its queries score plainly
+    build_gallery(run, tmp_path / "half", dataset="scenes", root=tiny_scenes_run["root"], split="test",
+                  progress=False)
+    half = Gallery.load(tmp_path / "half")
+    plain_captions = torch.sort((vector @ captions.T)[0], descending=True)[0][:4].numpy()
+    np.testing.assert_allclose([c["score"] for c in half.search_image(path, k=4, target="captions")],
+                               plain_captions, atol=1e-4)
     build_gallery(run, tmp_path / "plain", image_folder, querybank=False, progress=False)
     assert read_manifest(tmp_path / "plain")["querybank"] is None
     with pytest.raises(InputError, match="selfalign querybank"):

@@ -12,7 +12,7 @@ from selfalign.config import load_config
 from selfalign.errors import InputError
 from selfalign.evaluate.metrics import i2t_ranks, protocol_metrics, retrieval_metrics, t2i_ranks
 from selfalign.evaluate.querybank import (
-    BANK_FILE, QueryBank, bank_discount, choose_beta, normalised_sims, sample_rows,
+    BANK_FILE, QueryBank, bank_discount, choose_betas, normalised_sims, sample_rows,
 )  # fmt: skip
 from selfalign.model.checkpoint import model_hash
 from selfalign.pipeline import build_querybank, evaluate_run
@@ -75,14 +75,31 @@ def test_normalisation_demotes_hubs_and_lifts_recall():
     images, captions, bank_captions, bank_images = _hub_problem(3)
     sims = images @ captions.T
     plain = retrieval_metrics(sims.numpy())
-    i2t, t2i = QueryBank(bank_captions, bank_images, 10.0).normalise(sims, images, captions)
+    i2t, t2i = QueryBank(bank_captions, bank_images, 10.0, 10.0).normalise(sims, images, captions)
     normed = retrieval_metrics(i2t.numpy(), t2i_sims=t2i.numpy())
     assert normed["t2i_r1"] > plain["t2i_r1"] + 15  # hubs no longer take the top of other captions' lists
     hub_top1 = lambda s: np.isin(s.argmax(dim=0).numpy(), np.arange(6)).mean()  # noqa: E731
     assert hub_top1(t2i) < hub_top1(sims)
-    beta, table, plain_rsum = choose_beta(images, captions, bank_captions, bank_images, (1.0, 10.0, 1e4))
-    assert plain_rsum == pytest.approx(plain["rsum"])
-    assert table[repr(beta)] == max(table.values()) and set(table) == {"1.0", "10.0", "10000.0"}
+    beta_images, beta_captions, table = choose_betas(images, captions, bank_captions, bank_images, (1.0, 10.0, 1e4))
+    assert table["rsum_plain"] == pytest.approx(plain["rsum"])
+    assert set(table["t2i"]) == {"off", "1.0", "10.0", "10000.0"} and beta_images is not None
+    assert table["t2i"][repr(beta_images)] == max(table["t2i"].values()) > table["t2i"]["off"]
+    chosen = table["i2t"]["off" if beta_captions is None else repr(beta_captions)]
+    assert chosen == max(table["i2t"].values())
+    assert table["rsum_chosen"] == pytest.approx(table["t2i"][repr(beta_images)] + chosen)
+
+
+def test_a_direction_the_bank_does_not_help_stays_unnormalised():
+    """A bank of queries unlike the test's (here: random directions) cannot improve dev recall: both directions
+    are left off, and an off direction's discount is zero."""
+    gen = torch.Generator().manual_seed(5)
+    images = _unit(torch.randn(30, 16, generator=gen))
+    captions = _unit(images.repeat_interleave(5, 0) + 0.05 * torch.randn(150, 16, generator=gen))
+    bank = _unit(torch.randn(200, 16, generator=gen))
+    beta_images, beta_captions, table = choose_betas(images, captions, bank, bank, (1.0, 10.0))
+    assert (beta_images, beta_captions) == (None, None) and table["rsum_chosen"] == table["rsum_plain"]
+    off = QueryBank(bank, bank, None, 3.0)
+    assert torch.equal(off.image_discount(images), torch.zeros(30)) and off.caption_discount(captions).abs().sum() > 0
 
 
 def test_sample_rows_draws_a_sorted_reproducible_subset():
@@ -93,10 +110,11 @@ def test_sample_rows_draws_a_sorted_reproducible_subset():
 
 
 def test_bank_file_round_trip_and_errors(tmp_path):
-    bank = QueryBank(torch.randn(7, 4), torch.randn(3, 4), 7.5, {"model_hash": "abc", "split": "train"})
+    bank = QueryBank(torch.randn(7, 4), torch.randn(3, 4), 7.5, None, {"model_hash": "abc", "split": "train"})
     bank.save(tmp_path)
     back = QueryBank.load(tmp_path, "abc")
-    assert back.beta == 7.5 and back.info["split"] == "train" and torch.equal(back.captions, bank.captions)
+    assert (back.beta_images, back.beta_captions) == (7.5, None) and back.info["split"] == "train"
+    assert torch.equal(back.captions, bank.captions)
     with pytest.raises(InputError, match="another model"):
         QueryBank.load(tmp_path, "def")
     (tmp_path / BANK_FILE).write_bytes(b"not a safetensors file")
@@ -115,11 +133,12 @@ def tiny_run(feature_store, tmp_path_factory):
 def test_build_querybank_then_evaluate_with_it(tiny_run):
     report = build_querybank(tiny_run, max_captions=40, max_images=0, betas=(2.0, 20.0), device="cpu")
     assert report["captions"] == 40 and report["images"] == report["images_total"]
-    assert set(report["dev_rsum_by_beta"]) == {"2.0", "20.0"} and report["beta"] in (2.0, 20.0)
+    assert set(report["dev"]["t2i"]) == {"off", "2.0", "20.0"}
+    assert report["saved"] and report["beta_images"] in (2.0, 20.0)  # the tiny run's hubs: see the CLI test
     bank = QueryBank.load(tiny_run, model_hash(tiny_run))
     assert bank.captions.shape[0] == 40 and bank.info["dev_split"] == "dev"
     metrics = evaluate_run(tiny_run, "test", device="cpu", querybank=True)
-    assert metrics["querybank"]["beta"] == report["beta"]
+    assert metrics["querybank"]["beta_images"] == report["beta_images"]
     assert json.loads((tiny_run / "eval_querybank.json").read_text())["rsum"] == metrics["rsum"]
     with pytest.raises(InputError, match="drawn from the 'train' split"):
         evaluate_run(tiny_run, "train", device="cpu", querybank=True)
@@ -129,9 +148,11 @@ def test_build_querybank_then_evaluate_with_it(tiny_run):
 
 def test_querybank_cli(tiny_run, capsys):
     assert main(["querybank", str(tiny_run), "--captions", "30", "--betas", "5", "--device", "cpu"]) == 0
-    assert "beta 5 (dev rsum" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dev text->image R@1+R@5+R@10 by beta: off: " in out and "beta 5 for images" in out
+    assert "bank of 30 captions" in out
     assert main(["evaluate", str(tiny_run), "--querybank", "--device", "cpu"]) == 0
-    assert "query-bank normalised: beta 5" in capsys.readouterr().out
+    assert "query-bank normalised: beta 5 for images" in capsys.readouterr().out
     assert main(["evaluate", "--sims", "s.npy", "--querybank"]) == 2
     assert "already scored" in capsys.readouterr().err
     assert main(["querybank", str(tiny_run), "--betas", "5,x"]) == 2
@@ -146,14 +167,16 @@ def test_an_ensemble_averages_each_runs_normalised_scores(tiny_run, feature_stor
 
     other = train(load_config(None, tiny_overrides(feature_store, tmp_path, "qb2") + ["train.seed=1"]),
                   progress=False)
-    i2t, t2i = 0, 0
+    i2t, t2i, banks = 0, 0, []
     for run, beta in ((tiny_run, 2.0), (other, 8.0)):
-        build_querybank(run, betas=(beta,), device="cpu")
+        assert build_querybank(run, betas=(beta,), device="cpu")["saved"]
+        banks.append(QueryBank.load(run))
         emb = encode_split(load_model(run, "cpu")[0], load_feature_split(feature_store, "test"))
-        a, b = QueryBank.load(run).normalise(similarity_matrix(emb), emb.images, emb.captions)
+        a, b = banks[-1].normalise(similarity_matrix(emb), emb.images, emb.captions)
         i2t, t2i = i2t + a / 2, t2i + b / 2
     expected = retrieval_metrics(i2t.numpy(), t2i_sims=t2i.numpy())
     metrics = evaluate_ensemble([tiny_run, other], "test", device="cpu", querybank=True)
-    assert metrics["querybank"]["betas"] == [2.0, 8.0]
+    assert metrics["querybank"]["runs"] == [bank.describe() for bank in banks]
+    assert {banks[0].beta_images, banks[1].beta_images} <= {2.0, 8.0, None}
     for key in ("i2t_r1", "t2i_r1", "t2i_r5", "rsum"):
         assert metrics[key] == pytest.approx(expected[key])

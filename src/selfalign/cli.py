@@ -75,13 +75,21 @@ def _cmd_evaluate(args) -> None:
                                features=args.features, one_view=args.one_view, querybank=args.querybank)
     print(format_table(metrics))
     bank = metrics.get("querybank")
-    if bank and "betas" in bank:
-        print(f"(query-bank normalised, each run by its own bank: beta {', '.join(f'{b:g}' for b in bank['betas'])})")
+    if bank and "runs" in bank:
+        print("(query-bank normalised, each run by its own bank: " + "; ".join(_betas_text(b) for b in bank["runs"])
+              + ")")
     elif bank:
-        print(f"(query-bank normalised: beta {bank['beta']:g}, {bank['captions']} captions / {bank['images']} "
-              f"images of '{bank['split']}')")
+        print(f"(query-bank normalised: {_betas_text(bank)}; {bank['captions']} captions / {bank['images']} images "
+              f"of '{bank['split']}')")
     if args.json:
         atomic.write_json(args.json, metrics)
+
+
+def _betas_text(bank: dict) -> str:
+    def one(beta: float | None) -> str:
+        return "off" if beta is None else f"{beta:g}"
+
+    return f"beta {one(bank['beta_images'])} for images, {one(bank['beta_captions'])} for captions"
 
 
 def _cmd_querybank(args) -> None:
@@ -90,10 +98,15 @@ def _cmd_querybank(args) -> None:
     betas = tuple(_parse_floats(args.betas, "--betas")) if args.betas else None
     report = build_querybank(args.run_dir, args.split, args.dev_split, args.captions, args.images, args.seed,
                              betas, args.device, args.features)
-    print(f"dev rsum without normalisation {report['dev_rsum_plain']:.2f}; by beta: "
-          + ", ".join(f"{float(b):g}: {r:.2f}" for b, r in report["dev_rsum_by_beta"].items()))
-    print(f"beta {report['beta']:g} (dev rsum {report['dev_rsum']:.2f}); bank of {report['captions']} captions and "
-          f"{report['images']} images of '{report['split']}' -> {report['path']}")
+    dev = report["dev"]
+    for direction, label in (("t2i", "text->image"), ("i2t", "image->text")):
+        print(f"dev {label} R@1+R@5+R@10 by beta: " + ", ".join(f"{b}: {r:.2f}" for b, r in dev[direction].items()))
+    print(f"{_betas_text(report)}: dev rsum {dev['rsum_plain']:.2f} -> {dev['rsum_chosen']:.2f}")
+    if report["saved"]:
+        print(f"bank of {report['captions']} captions and {report['images']} images of '{report['split']}' -> "
+              f"{report['path']}")
+    else:
+        print("normalisation improves neither direction on dev: no bank written")
 
 
 def _parse_floats(text: str, flag: str) -> list[float]:

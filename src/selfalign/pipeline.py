@@ -85,15 +85,14 @@ def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = 
                     max_images: int = 5_000, seed: int = 0, betas: tuple[float, ...] | None = None,
                     device: str = "auto", features: str | Path | None = None) -> dict:
     """Embed a bank of ``split``'s captions and images (at most ``max_captions`` / ``max_images``, drawn with
-    ``seed``) with the run's model, choose β by rsum on ``dev_split``, write ``RUN_DIR/querybank.safetensors``.
+    ``seed``) with the run's model, choose each direction's β on ``dev_split``, write ``RUN_DIR/querybank.safetensors``.
 
-    Images are embedded as the run embeds a gallery's (both views when ``data.mirror_test``). Returns the bank's
-    description: β, sizes, the dev rsum without normalisation and for every β tried.
+    Images are embedded as the run embeds a gallery's (both views when ``data.mirror_test``). When normalisation
+    improves neither direction on dev, nothing is written (and a bank already there is left as it is). Returns the
+    bank's description: the βs (None: off), sizes, ``saved``, and the dev table (:func:`choose_betas`).
     """
-    import numpy as np
-
     from selfalign.data.batches import RegionStore
-    from selfalign.evaluate.querybank import DEFAULT_BETAS, QueryBank, choose_beta, sample_rows
+    from selfalign.evaluate.querybank import DEFAULT_BETAS, QueryBank, choose_betas, sample_rows
     from selfalign.evaluate.runner import average_views, encode_captions, encode_images, encode_split
     from selfalign.model.checkpoint import load_model, model_hash
 
@@ -114,14 +113,16 @@ def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = 
     captions = encode_captions(model, [bank_split.captions[int(i)] for i in caption_rows])
     dev_features, dev_mirror = _split_views(cfg, dev_split, features)
     dev = encode_split(model, dev_features, mirror=dev_mirror)
-    beta, table, plain = choose_beta(dev.images, dev.captions, captions, images, tuple(betas or DEFAULT_BETAS))
+    beta_images, beta_captions, table = choose_betas(dev.images, dev.captions, captions, images,
+                                                     tuple(betas or DEFAULT_BETAS))
     info = {"model_hash": model_hash(run_dir), "split": split, "dev_split": dev_split,
             "features": str(features or cfg.data.features), "captions": int(len(caption_rows)),
-            "images": int(len(image_rows)), "seed": seed, "dev_rsum_plain": round(plain, 4),
-            "dev_rsum_by_beta": table}
-    path = QueryBank(captions, images, beta, info).save(run_dir)
-    return {"beta": beta, "path": str(path), **info, "dev_rsum": table[repr(float(beta))],
-            "captions_total": len(bank_split.captions), "images_total": int(np.asarray(len(bank_split.image_ids)))}
+            "images": int(len(image_rows)), "seed": seed, "dev": table}
+    saved = beta_images is not None or beta_captions is not None
+    path = QueryBank(captions, images, beta_images, beta_captions, info).save(run_dir) if saved else None
+    return {"beta_images": beta_images, "beta_captions": beta_captions, "saved": saved,
+            "path": str(path) if path else None, **info, "captions_total": len(bank_split.captions),
+            "images_total": len(bank_split.image_ids)}
 
 
 def _checked_querybank(run_dir: Path, split: str, features: str | Path | None):
@@ -171,7 +172,7 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
                 raise InputError(f"{run_dir}: a cross-attention run scores pairs; a query bank discounts embeddings")
             sims, t2i = bank.normalise(sims, emb.images, emb.captions)
             t2i_total = t2i if t2i_total is None else t2i_total.add_(t2i)
-            betas.append(bank.beta)
+            betas.append(bank.describe())
         total = sims if total is None else total.add_(sims)
         similarities.append(cfg.model.similarity)
         del model
@@ -179,7 +180,7 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
     t2i_mean = None if t2i_total is None else t2i_total.div_(len(run_dirs)).numpy()
     metrics = protocol_metrics(mean, fold5, t2i_sims=t2i_mean)
     if querybank:
-        metrics["querybank"] = {"betas": betas}
+        metrics["querybank"] = {"runs": betas}
     metrics["ensemble"] = [str(r) for r in run_dirs]
     metrics["similarity"] = "+".join(similarities)
     metrics["split"] = split

@@ -9,11 +9,14 @@ usually do:
 
 with ``b`` the bank's queries of ``q``'s modality (training captions for text queries, training images for image
 queries). The discount depends on ``g`` alone, so a gallery stores it beside ``g``'s vector as one extra dimension
-(the query's extra coordinate is 1) and search stays a single inner product. β is chosen on the dev split; the bank
-never holds a test query.
+(the query's extra coordinate is 1) and search stays a single inner product. The bank never holds a test query.
 
-A run's bank is ``RUN_DIR/querybank.safetensors``: ``captions [Bt, E]``, ``images [Bi, E]`` and, as metadata, β,
-the hash of the model it was built with and the dev table that chose β.
+Each direction gets its own β, chosen on the dev split, or none: an image's discount changes only text->image
+ranks and a caption's only image->text ranks, and a direction whose dev recall no β improves is left unnormalised
+(on data where every query resembles every item, the discount removes signal, not hubs).
+
+A run's bank is ``RUN_DIR/querybank.safetensors``: ``captions [Bt, E]``, ``images [Bi, E]`` and, as metadata, the two
+βs, the hash of the model it was built with and the dev table that chose them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from selfalign.evaluate.metrics import protocol_metrics
 
 BANK_FILE = "querybank.safetensors"
 DEFAULT_BETAS = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0, 50.0)
+OFF = "off"
 _CHUNK = 2048
+_RECALLS = {"t2i": ("t2i_r1", "t2i_r5", "t2i_r10"), "i2t": ("i2t_r1", "i2t_r5", "i2t_r10")}
 
 
 def bank_discount(bank: torch.Tensor, items: torch.Tensor, beta: float, chunk: int = _CHUNK) -> torch.Tensor:
@@ -53,21 +58,34 @@ def bank_discount(bank: torch.Tensor, items: torch.Tensor, beta: float, chunk: i
 
 @dataclass(frozen=True)
 class QueryBank:
-    """Embeddings of training queries: ``captions [Bt, E]`` (they discount images for text queries) and
-    ``images [Bi, E]`` (they discount captions for image queries), and the inverse temperature ``beta``."""
+    """Embeddings of training queries: ``captions [Bt, E]`` (they discount images for text queries, with
+    ``beta_images``) and ``images [Bi, E]`` (they discount captions for image queries, with ``beta_captions``); a β of
+    None leaves that direction unnormalised."""
 
     captions: torch.Tensor
     images: torch.Tensor
-    beta: float
+    beta_images: float | None
+    beta_captions: float | None
     info: dict[str, Any] = field(default_factory=dict)
 
     def image_discount(self, images: torch.Tensor) -> torch.Tensor:
-        """Gallery images ``[N, E]`` -> ``[N]``, to subtract from text queries' scores."""
-        return bank_discount(self.captions, images, self.beta)
+        """Gallery images ``[N, E]`` -> ``[N]``, to subtract from text queries' scores (zeros when off)."""
+        if self.beta_images is None:
+            return torch.zeros(images.shape[0])
+        return bank_discount(self.captions, images, self.beta_images)
 
     def caption_discount(self, captions: torch.Tensor) -> torch.Tensor:
-        """Gallery captions ``[M, E]`` -> ``[M]``, to subtract from image queries' scores."""
-        return bank_discount(self.images, captions, self.beta)
+        """Gallery captions ``[M, E]`` -> ``[M]``, to subtract from image queries' scores (zeros when off)."""
+        if self.beta_captions is None:
+            return torch.zeros(captions.shape[0])
+        return bank_discount(self.images, captions, self.beta_captions)
+
+    def describe(self) -> dict[str, Any]:
+        """The βs and the bank's sizes, for reports: ``{"beta_images", "beta_captions", "captions", "images",
+        "split"}``."""
+        return {"beta_images": self.beta_images, "beta_captions": self.beta_captions,
+                "captions": int(self.captions.shape[0]), "images": int(self.images.shape[0]),
+                "split": self.info.get("split")}
 
     def normalise(self, sims: torch.Tensor, images: torch.Tensor,
                   captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +98,9 @@ class QueryBank:
         path = Path(run_dir) / BANK_FILE
         tensors = {"captions": self.captions.float().contiguous(), "images": self.images.float().contiguous()}
         with atomic.atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"beta": repr(float(self.beta)), "info": json.dumps(self.info)})
+            save_file(tensors, str(tmp), metadata={"beta_images": _beta_text(self.beta_images),
+                                                   "beta_captions": _beta_text(self.beta_captions),
+                                                   "info": json.dumps(self.info)})
         return path
 
     @classmethod
@@ -94,7 +114,8 @@ class QueryBank:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
                 captions, images = fh.get_tensor("captions"), fh.get_tensor("images")
-            beta, info = float(meta["beta"]), json.loads(meta.get("info", "{}"))
+            betas = _beta_value(meta["beta_images"]), _beta_value(meta["beta_captions"])
+            info = json.loads(meta.get("info", "{}"))
         except (SafetensorError, OSError, KeyError, ValueError) as exc:
             raise InputError(f"{path}: not a query bank ({type(exc).__name__}: {exc})") from None
         if captions.ndim != 2 or images.ndim != 2 or captions.shape[1] != images.shape[1]:
@@ -103,7 +124,7 @@ class QueryBank:
         if model_hash is not None and info.get("model_hash") != model_hash:
             raise InputError(f"{path} was built with another model than the one in {run_dir} (retrained?); build it "
                              f"again with `selfalign querybank {run_dir}`")
-        return cls(captions, images, beta, info)
+        return cls(captions, images, *betas, info)
 
     @staticmethod
     def exists(run_dir: str | Path) -> bool:
@@ -133,19 +154,40 @@ def sample_rows(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def choose_beta(images: torch.Tensor, captions: torch.Tensor, bank_captions: torch.Tensor,
-                bank_images: torch.Tensor, betas: tuple[float, ...] = DEFAULT_BETAS,
-                fold5: bool = False) -> tuple[float, dict[str, float], float]:
-    """Pick β by rsum on a dev split: ``images [N, E]``, ``captions [5N, E]``, the bank's ``[Bt, E]`` and
-    ``[Bi, E]``. Returns (β, {β: rsum}, rsum without normalisation)."""
+def _beta_text(beta: float | None) -> str:
+    return OFF if beta is None else repr(float(beta))
+
+
+def _beta_value(text: str) -> float | None:
+    return None if text == OFF else float(text)
+
+
+def choose_betas(images: torch.Tensor, captions: torch.Tensor, bank_captions: torch.Tensor,
+                 bank_images: torch.Tensor, betas: tuple[float, ...] = DEFAULT_BETAS,
+                 fold5: bool = False) -> tuple[float | None, float | None, dict[str, Any]]:
+    """Pick each direction's β on a dev split: ``images [N, E]``, ``captions [5N, E]``, the bank's ``[Bt, E]`` and
+    ``[Bi, E]``. Text->image ranks depend only on the images' discount and image->text ranks only on the captions',
+    so each direction takes the β with the best recall sum (R@1 + R@5 + R@10) of its own, or None when none beats
+    the unnormalised scores. Returns (β for images, β for captions, table): the table holds each direction's recall
+    sum by β (``"off"``: without normalisation) and the dev rsum without normalisation and with the chosen βs."""
     if not betas:
-        raise InputError("choose_beta needs at least one beta")
+        raise InputError("choose_betas needs at least one beta")
     sims = images.float() @ captions.float().T
-    plain = float(protocol_metrics(sims.numpy(), fold5)["rsum"])
-    table: dict[str, float] = {}
+    plain = protocol_metrics(sims.numpy(), fold5)
+    table: dict[str, Any] = {d: {OFF: round(sum(plain[k] for k in keys), 4)} for d, keys in _RECALLS.items()}
     for beta in betas:
         i2t, t2i = normalised_sims(sims, bank_discount(bank_captions, images, beta),
                                    bank_discount(bank_images, captions, beta))
-        table[repr(float(beta))] = round(float(protocol_metrics(i2t.numpy(), fold5, t2i_sims=t2i.numpy())["rsum"]), 4)
-    best = max(betas, key=lambda b: (table[repr(float(b))], -b))  # ties: the smaller beta, the gentler discount
-    return float(best), table, plain
+        metrics = protocol_metrics(i2t.numpy(), fold5, t2i_sims=t2i.numpy())
+        for direction, keys in _RECALLS.items():
+            table[direction][_beta_text(beta)] = round(sum(metrics[k] for k in keys), 4)
+
+    def best(direction: str) -> float | None:  # ties go to "off", then to the smaller β (the gentler discount)
+        choice = max(table[direction], key=lambda b: (table[direction][b], b == OFF, -_beta_value(b) if b != OFF
+                                                      else 0.0))
+        return _beta_value(choice)
+
+    beta_images, beta_captions = best("t2i"), best("i2t")
+    table["rsum_plain"] = round(float(plain["rsum"]), 4)
+    table["rsum_chosen"] = round(table["t2i"][_beta_text(beta_images)] + table["i2t"][_beta_text(beta_captions)], 4)
+    return beta_images, beta_captions, table

@@ -147,8 +147,7 @@ def score_embeddings(emb: SplitEmbeddings, fold5: bool = False, querybank: Query
         i2t, t2i = querybank.normalise(sims, emb.images, emb.captions)
         sim_seconds = time.perf_counter() - start
         metrics = protocol_metrics(i2t.numpy(), fold5, t2i_sims=t2i.numpy())
-        metrics["querybank"] = {"beta": querybank.beta, "captions": int(querybank.captions.shape[0]),
-                                "images": int(querybank.images.shape[0]), "split": querybank.info.get("split")}
+        metrics["querybank"] = querybank.describe()
     metrics["encode_seconds"] = round(emb.seconds, 4)
     metrics["similarity_seconds"] = round(sim_seconds, 4)
     return metrics

@@ -93,6 +93,8 @@ class Gallery:
         self._lock = threading.Lock()
         # vectors that carry a query-bank discount as a last coordinate (gallery_build._discounted)
         self.querybank = manifest.get("querybank")
+        self._discounted = {"images": bool(self.querybank) and self.querybank.get("beta_images") is not None,
+                            "captions": bool(self.querybank) and self.querybank.get("beta_captions") is not None}
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", run_dir: str | None = None,
@@ -191,10 +193,11 @@ class Gallery:
         return vector
 
     # ------------------------------------------------------------------------------------------------
-    def _query(self, vectors: np.ndarray, cross_modal: bool) -> np.ndarray:
-        """Query embeddings ``[Q, E]`` as the index expects them: in a gallery with a query bank ``[Q, E + 1]``, the
-        last coordinate 1 to apply the stored discount (text <-> image), 0 to score plainly (image -> image)."""
-        if not self.querybank:
+    def _query(self, vectors: np.ndarray, target: str, cross_modal: bool) -> np.ndarray:
+        """Query embeddings ``[Q, E]`` as the ``target`` index ("images" / "captions") expects them: where its
+        vectors carry a query-bank discount, ``[Q, E + 1]`` with a last coordinate of 1 to apply it (text <-> image)
+        or 0 to score plainly (image -> image)."""
+        if not self._discounted[target]:
             return vectors
         column = np.full((len(vectors), 1), 1.0 if cross_modal else 0.0, dtype=np.float32)
         return np.concatenate([vectors, column], axis=1)
@@ -203,7 +206,8 @@ class Gallery:
         """Text -> the ``k`` best images: ``[{"id", "image_id", "score"}]``, best first (scores query-bank
         normalised when the gallery was built with a bank)."""
         query = _check_query(query)
-        return self._image_hits(self.image_index.search(self._query(self.encode_text([query]), True), _check_k(k)))
+        return self._image_hits(self.image_index.search(self._query(self.encode_text([query]), "images", True),
+                                                        _check_k(k)))
 
     def search_image(self, image: str | os.PathLike | Image.Image, k: int = 10,
                      target: str = "images") -> list[dict[str, Any]]:
@@ -217,8 +221,8 @@ class Gallery:
                              "search needs a gallery built from a captioned dataset split (--dataset/--root/--split)")
         vector = self.encode_image(image)
         if target == "images":
-            return self._image_hits(self.image_index.search(self._query(vector, False), k))
-        scores, ids = self.caption_index.search(self._query(vector, True), k)
+            return self._image_hits(self.image_index.search(self._query(vector, "images", False), k))
+        scores, ids = self.caption_index.search(self._query(vector, "captions", True), k)
         hits = []
         for score, cid in zip(scores[0].tolist(), ids[0].tolist()):
             row = self._caption_row.get(cid)

@@ -271,7 +271,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         boxes, counts = _write_regions(tmp / REGIONS, old_regions, new, cfg.model.image_dim)
         embeddings = _encode_new(model, tmp / REGIONS, len(old_images), counts, new)
         next_id = int(old_manifest.get("next_id", len(old_images))) if add else 0
-        if bank is not None:
+        if bank is not None and bank.beta_images is not None:
             embeddings = _discounted(embeddings, bank.image_discount(torch.from_numpy(embeddings)))
         _, start = _append_vectors(out / IMAGE_VECTORS if add else None, backend, kind, uri, "images", embeddings,
                                    next_id, tmp / IMAGE_VECTORS)
@@ -283,7 +283,10 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         if new.captions is not None:
             texts = [c for caps in new.captions for c in caps]
             vectors = encode_captions(model, texts)
-            vectors = vectors.numpy() if bank is None else _discounted(vectors.numpy(), bank.caption_discount(vectors))
+            if bank is None or bank.beta_captions is None:
+                vectors = vectors.numpy()
+            else:
+                vectors = _discounted(vectors.numpy(), bank.caption_discount(vectors))
             had = add and bool(old_manifest["captions"])
             _, cstart = _append_vectors(out / CAPTION_VECTORS if had else None, backend, kind, uri, "captions",
                                         vectors, next_caption, tmp / CAPTION_VECTORS)
@@ -297,9 +300,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         write_json(tmp / MANIFEST, {
             "format": FORMAT, "version": FORMAT_VERSION, "run_dir": str(run_dir), "model_hash": model_hash(run_dir),
             "backend": backend, "embedding_dim": int(model.embedding_dim), "images": len(old_images) + len(new_rows),
-            "querybank": None if bank is None else {
-                "beta": bank.beta, "sha256": QueryBank.file_hash(run_dir), "captions": int(bank.captions.shape[0]),
-                "images": int(bank.images.shape[0])},
+            "querybank": None if bank is None else {**bank.describe(), "sha256": QueryBank.file_hash(run_dir)},
             "captions": len(captions), "next_id": start + len(new_rows), "next_caption_id": next_caption,
             "image_root": old_manifest.get("image_root") if add else source["path"],
             "query_regions": plan.to_dict(), "created": old_manifest.get("created") if add else now, "updated": now,
