@@ -269,24 +269,51 @@ def test_a_mirroring_run_indexes_and_queries_the_mean_of_both_views(tiny_scenes_
     check_scores(gallery, dict(zip(store.image_ids, average_views(*views).numpy())))
 
 
+def _save_bank(run: Path, features: Path, beta_images, beta_captions):
+    """A query bank of the run's training split with the βs given (what `selfalign querybank` would choose on dev)."""
+    from selfalign.evaluate.querybank import QueryBank
+    from selfalign.model.checkpoint import model_hash
+
+    model, _ = load_model(run)
+    train_split = load_feature_split(features, "train")
+    bank = QueryBank(encode_captions(model, list(train_split.captions)),
+                     encode_images(model, RegionStore(train_split.images, train_split.region_mask())),
+                     beta_images, beta_captions, {"model_hash": model_hash(run), "split": "train"})
+    bank.save(run)
+    return bank
+
+
+def test_milvus_stores_and_applies_the_query_bank_discount_too(tiny_scenes_run, tmp_path):
+    pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus, milvus-lite) is not installed")
+    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_scenes_run["run_dir"], run)
+    _save_bank(run, tiny_scenes_run["features"], 3.0, 3.0)
+    common = dict(dataset="scenes", root=tiny_scenes_run["root"], split="test", progress=False)
+    build_gallery(run, tmp_path / "faiss", **common)
+    build_gallery(run, tmp_path / "milvus", backend="milvus", uri=str(tmp_path / "gallery.db"), **common)
+    faiss_gallery, milvus = Gallery.load(tmp_path / "faiss"), Gallery.load(tmp_path / "milvus")
+    for query in ("a small red circle", "two blue squares"):
+        want, got = faiss_gallery.search_text(query, 5), milvus.search_text(query, 5)
+        assert [h["id"] for h in got] == [h["id"] for h in want]
+        np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-4)
+    image = faiss_gallery.image_path(1)
+    want = faiss_gallery.search_image(image, 3, target="captions")
+    assert [c["id"] for c in milvus.search_image(image, 3, target="captions")] == [c["id"] for c in want]
+    milvus.image_index.close()
+    milvus.caption_index.close()
+
+
 def test_a_gallery_with_a_query_bank_searches_the_normalised_scores(tiny_scenes_run, image_folder, tmp_path):
     """Vectors carry the bank's discount: text -> image and image -> caption scores are ``s - discount`` (one
     inner product, checked against the brute-force normalisation), image -> image stays plain."""
     from selfalign.evaluate.querybank import QueryBank
-    from selfalign.model.checkpoint import model_hash
 
     run = tmp_path / "run"
     shutil.copytree(tiny_scenes_run["run_dir"], run)  # the shared run must stay without a bank
-    model, _ = load_model(run)
-    train_split = load_feature_split(tiny_scenes_run["features"], "train")
 
     def save_bank(beta_images, beta_captions) -> QueryBank:
-        """A bank of the training split, with the βs given (what `selfalign querybank` would choose on dev)."""
-        bank = QueryBank(encode_captions(model, list(train_split.captions)),
-                         encode_images(model, RegionStore(train_split.images, train_split.region_mask())),
-                         beta_images, beta_captions, {"model_hash": model_hash(run), "split": "train"})
-        bank.save(run)
-        return bank
+        return _save_bank(run, tiny_scenes_run["features"], beta_images, beta_captions)
 
     bank = save_bank(3.0, 3.0)
     out = tmp_path / "g"
