@@ -146,6 +146,19 @@ def test_build_querybank_then_evaluate_with_it(tiny_run):
         build_querybank(tiny_run, split="dev", device="cpu")
 
 
+
+def test_a_measurement_where_no_beta_helps_removes_the_earlier_bank(tiny_run, monkeypatch):
+    import selfalign.evaluate.querybank as querybank
+
+    assert build_querybank(tiny_run, betas=(2.0, 20.0), device="cpu")["saved"] and QueryBank.exists(tiny_run)
+    table = {"t2i": {"off": 1.0}, "i2t": {"off": 1.0}, "rsum_plain": 2.0, "rsum_chosen": 2.0}
+    monkeypatch.setattr(querybank, "choose_betas", lambda *args, **kwargs: (None, None, table))
+    report = build_querybank(tiny_run, device="cpu")
+    assert not report["saved"] and report["removed"] and not QueryBank.exists(tiny_run)
+    with pytest.raises(InputError, match="selfalign querybank"):
+        evaluate_run(tiny_run, "test", device="cpu", querybank=True)
+
+
 def test_querybank_cli(tiny_run, capsys):
     assert main(["querybank", str(tiny_run), "--captions", "30", "--betas", "5", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -106,7 +106,8 @@ def _cmd_querybank(args) -> None:
         print(f"bank of {report['captions']} captions and {report['images']} images of '{report['split']}' -> "
               f"{report['path']}")
     else:
-        print("normalisation improves neither direction on dev: no bank written")
+        print("normalisation improves neither direction on dev: no bank written"
+              + (" (the earlier bank was removed)" if report["removed"] else ""))
 
 
 def _parse_floats(text: str, flag: str) -> list[float]:

@@ -88,11 +88,12 @@ def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = 
     ``seed``) with the run's model, choose each direction's β on ``dev_split``, write ``RUN_DIR/querybank.safetensors``.
 
     Images are embedded as the run embeds a gallery's (both views when ``data.mirror_test``). When normalisation
-    improves neither direction on dev, nothing is written (and a bank already there is left as it is). Returns the
-    bank's description: the βs (None: off), sizes, ``saved``, and the dev table (:func:`choose_betas`).
+    improves neither direction on dev, no bank is written and an earlier one is removed (``removed``), so that
+    ``selfalign index`` and ``evaluate --querybank`` follow the latest measurement. Returns the bank's description:
+    the βs (None: off), sizes, ``saved``, ``removed`` and the dev table (:func:`choose_betas`).
     """
     from selfalign.data.batches import RegionStore
-    from selfalign.evaluate.querybank import DEFAULT_BETAS, QueryBank, choose_betas, sample_rows
+    from selfalign.evaluate.querybank import BANK_FILE, DEFAULT_BETAS, QueryBank, choose_betas, sample_rows
     from selfalign.evaluate.runner import average_views, encode_captions, encode_images, encode_split
     from selfalign.model.checkpoint import load_model, model_hash
 
@@ -120,7 +121,10 @@ def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = 
             "images": int(len(image_rows)), "seed": seed, "dev": table}
     saved = beta_images is not None or beta_captions is not None
     path = QueryBank(captions, images, beta_images, beta_captions, info).save(run_dir) if saved else None
-    return {"beta_images": beta_images, "beta_captions": beta_captions, "saved": saved,
+    removed = not saved and QueryBank.exists(run_dir)
+    if removed:
+        (run_dir / BANK_FILE).unlink()
+    return {"beta_images": beta_images, "beta_captions": beta_captions, "saved": saved, "removed": removed,
             "path": str(path) if path else None, **info, "captions_total": len(bank_split.captions),
             "images_total": len(bank_split.image_ids)}
 
