@@ -329,12 +329,15 @@ def test_a_gallery_with_a_query_bank_searches_the_normalised_scores(tiny_scenes_
     expected = torch.argsort(normalised, descending=True)[:5]
     hits = gallery.search_text(query, k=5)
     assert [split.image_ids[i] for i in expected.tolist()] == [h["image_id"] for h in hits]
-    np.testing.assert_allclose([h["score"] for h in hits], normalised[expected].numpy(), atol=1e-4)
+    # every score is shifted by the gallery's mean discount, which keeps the extra coordinate small
+    offset = manifest["querybank"]["image_offset"]
+    assert offset == pytest.approx(float(bank.image_discount(images).mean()), abs=1e-5)
+    np.testing.assert_allclose([h["score"] for h in hits], normalised[expected].numpy() + offset, atol=1e-4)
 
     path = gallery.image_path(3)
     vector = torch.from_numpy(gallery.encode_image(path))
     captions = encode_captions(gallery.model, list(split.captions))
-    to_captions = (vector @ captions.T)[0] - bank.caption_discount(captions)
+    to_captions = (vector @ captions.T)[0] - bank.caption_discount(captions) + manifest["querybank"]["caption_offset"]
     caps = gallery.search_image(path, k=4, target="captions")
     np.testing.assert_allclose([c["score"] for c in caps], torch.sort(to_captions, descending=True)[0][:4].numpy(),
                                atol=1e-4)
@@ -345,6 +348,7 @@ def test_a_gallery_with_a_query_bank_searches_the_normalised_scores(tiny_scenes_
     build_gallery(run, out, image_folder, add=True, progress=False)
     after = {h["id"]: h["score"] for h in Gallery.load(out).search_text(query, k=20)}
     assert len(after) == 14 and all(after[h["id"]] == pytest.approx(h["score"], abs=1e-4) for h in hits)
+    assert read_manifest(out)["querybank"]["image_offset"] == offset  # the offset a gallery was built with stays
     with pytest.raises(InputError, match="built with a query bank"):
         build_gallery(run, out, image_folder, add=True, querybank=False, progress=False)
     save_bank(5.0, None)
