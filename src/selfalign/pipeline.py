@@ -85,7 +85,8 @@ def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = 
                     max_images: int = 5_000, seed: int = 0, betas: tuple[float, ...] | None = None,
                     device: str = "auto", features: str | Path | None = None) -> dict:
     """Embed a bank of ``split``'s captions and images (at most ``max_captions`` / ``max_images``, drawn with
-    ``seed``) with the run's model, choose each direction's β on ``dev_split``, write ``RUN_DIR/querybank.safetensors``.
+    ``seed``) with the run's model, choose each direction's β on ``dev_split``, write
+    ``RUN_DIR/querybank.safetensors``.
 
     Images are embedded as the run embeds a gallery's (both views when ``data.mirror_test``). When normalisation
     improves neither direction on dev, no bank is written and an earlier one is removed (``removed``), so that
@@ -93,7 +94,7 @@ def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = 
     the βs (None: off), sizes, ``saved``, ``removed`` and the dev table (:func:`choose_betas`).
     """
     from selfalign.data.batches import RegionStore
-    from selfalign.evaluate.querybank import BANK_FILE, DEFAULT_BETAS, QueryBank, choose_betas, sample_rows
+    from selfalign.evaluate.querybank import DEFAULT_BETAS, QueryBank, choose_betas, sample_rows
     from selfalign.evaluate.runner import average_views, encode_captions, encode_images, encode_split
     from selfalign.model.checkpoint import load_model, model_hash
 
@@ -121,9 +122,7 @@ def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = 
             "images": int(len(image_rows)), "seed": seed, "dev": table}
     saved = beta_images is not None or beta_captions is not None
     path = QueryBank(captions, images, beta_images, beta_captions, info).save(run_dir) if saved else None
-    removed = not saved and QueryBank.exists(run_dir)
-    if removed:
-        (run_dir / BANK_FILE).unlink()
+    removed = not saved and QueryBank.remove(run_dir)
     return {"beta_images": beta_images, "beta_captions": beta_captions, "saved": saved, "removed": removed,
             "path": str(path) if path else None, **info, "captions_total": len(bank_split.captions),
             "images_total": len(bank_split.image_ids)}
@@ -153,12 +152,12 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
     direction). Nothing is written into the runs.
     """
     from selfalign.evaluate.metrics import protocol_metrics
-    from selfalign.evaluate.runner import encode_split, similarity_matrix
+    from selfalign.evaluate.runner import encode_split, normalised_similarities, similarity_matrix
     from selfalign.model.checkpoint import load_model
 
     if len(run_dirs) < 2:
         raise InputError(f"an ensemble needs at least two runs, got {len(run_dirs)}")
-    total, t2i_total, reference, similarities, betas = None, None, None, [], []
+    total, t2i_total, reference, similarities, banks = None, None, None, [], []
     for run_dir in run_dirs:
         bank = _checked_querybank(Path(run_dir), split, features) if querybank else None
         model, cfg = load_model(Path(run_dir), resolve_device(device))
@@ -170,13 +169,12 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
             raise InputError(f"{run_dir}: its {split} split ({cfg.data.features}) does not hold the same images and "
                              f"captions in the same order as {reference[0]}'s; an ensemble scores one split")
         emb = encode_split(model, split_features, mirror=mirror)
-        sims = similarity_matrix(emb)
-        if bank is not None:
-            if emb.locals is not None:
-                raise InputError(f"{run_dir}: a cross-attention run scores pairs; a query bank discounts embeddings")
-            sims, t2i = bank.normalise(sims, emb.images, emb.captions)
+        if bank is None:
+            sims = similarity_matrix(emb)
+        else:
+            sims, t2i = normalised_similarities(emb, bank)
             t2i_total = t2i if t2i_total is None else t2i_total.add_(t2i)
-            betas.append(bank.describe())
+            banks.append(bank.describe())
         total = sims if total is None else total.add_(sims)
         similarities.append(cfg.model.similarity)
         del model
@@ -184,7 +182,7 @@ def evaluate_ensemble(run_dirs: list[str | Path], split: str = "test", fold5: bo
     t2i_mean = None if t2i_total is None else t2i_total.div_(len(run_dirs)).numpy()
     metrics = protocol_metrics(mean, fold5, t2i_sims=t2i_mean)
     if querybank:
-        metrics["querybank"] = {"runs": betas}
+        metrics["querybank"] = {"runs": banks}
     metrics["ensemble"] = [str(r) for r in run_dirs]
     metrics["similarity"] = "+".join(similarities)
     metrics["split"] = split

@@ -21,7 +21,6 @@ A run's bank is ``RUN_DIR/querybank.safetensors``: ``captions [Bt, E]``, ``image
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 from selfalign import atomic
 from selfalign.errors import InputError
 from selfalign.evaluate.metrics import protocol_metrics
+from selfalign.model.checkpoint import file_digest
 
 BANK_FILE = "querybank.safetensors"
 DEFAULT_BETAS = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0, 50.0)
@@ -131,13 +131,18 @@ class QueryBank:
         return (Path(run_dir) / BANK_FILE).is_file()
 
     @staticmethod
+    def remove(run_dir: str | Path) -> bool:
+        """Delete a run's bank; whether there was one."""
+        path = Path(run_dir) / BANK_FILE
+        if not path.is_file():
+            return False
+        path.unlink()
+        return True
+
+    @staticmethod
     def file_hash(run_dir: str | Path) -> str:
         """sha256 of a run's bank file: a gallery records it, so that images added later get the same discount."""
-        digest = hashlib.sha256()
-        with open(Path(run_dir) / BANK_FILE, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_digest(Path(run_dir) / BANK_FILE).hexdigest()
 
 
 def normalised_sims(sims: torch.Tensor, image_discount: torch.Tensor,

@@ -133,18 +133,24 @@ def similarity_matrix(emb: SplitEmbeddings) -> torch.Tensor:
         return loc.score(loc.images, loc.image_mask, loc.captions, loc.caption_mask, device=loc.device).cpu()
 
 
+def normalised_similarities(emb: SplitEmbeddings, querybank: QueryBank) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`similarity_matrix` normalised by ``querybank``: (``[N, 5N]`` for image->text ranking, ``[N, 5N]`` for
+    text->image ranking). A cross-attention run has no embeddings to discount: InputError."""
+    if emb.locals is not None:
+        raise InputError("query-bank normalisation discounts embeddings; a cross-attention run scores pairs instead")
+    return querybank.normalise(similarity_matrix(emb), emb.images, emb.captions)
+
+
 def score_embeddings(emb: SplitEmbeddings, fold5: bool = False, querybank: QueryBank | None = None) -> dict:
     """:func:`similarity_matrix`, then the protocol's metrics (+ timings); ``querybank``: each direction ranked on
-    the query-bank-normalised scores (:mod:`selfalign.evaluate.querybank`)."""
-    if querybank is not None and emb.locals is not None:
-        raise InputError("query-bank normalisation discounts embeddings; a cross-attention run scores pairs instead")
+    the query-bank-normalised scores (:func:`normalised_similarities`)."""
     start = time.perf_counter()
-    sims = similarity_matrix(emb)
     if querybank is None:
+        sims = similarity_matrix(emb)
         sim_seconds = time.perf_counter() - start
         metrics = protocol_metrics(sims.numpy(), fold5)
     else:
-        i2t, t2i = querybank.normalise(sims, emb.images, emb.captions)
+        i2t, t2i = normalised_similarities(emb, querybank)
         sim_seconds = time.perf_counter() - start
         metrics = protocol_metrics(i2t.numpy(), fold5, t2i_sims=t2i.numpy())
         metrics["querybank"] = querybank.describe()

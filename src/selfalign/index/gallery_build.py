@@ -132,8 +132,8 @@ def _encode_new(model: Any, regions_path: Path, start: int, counts: np.ndarray, 
 
 
 def _gallery_querybank(run_dir: Path, out: Path, requested: bool | None,
-                       old_manifest: dict[str, Any] | None) -> Any:
-    """The run's QueryBank when the gallery's vectors carry its discount, else None.
+                       old_manifest: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """The run's QueryBank and its file's sha256 when the gallery's vectors carry its discount, else (None, None).
 
     A new gallery uses the run's bank when ``requested`` is True, or is None and the run has one; ``--add`` keeps
     what the gallery was built with and refuses a bank that changed since (old and new images would be discounted
@@ -147,13 +147,14 @@ def _gallery_querybank(run_dir: Path, out: Path, requested: bool | None,
             raise InputError(f"{out / MANIFEST}: the gallery was built {'with' if recorded else 'without'} a query "
                              f"bank; images added to it must be indexed the same way (rebuild to change that)")
         if not recorded:
-            return None
+            return None, None
         if not QueryBank.exists(run_dir) or QueryBank.file_hash(run_dir) != recorded["sha256"]:
             raise InputError(f"{out / MANIFEST}: the query bank of {run_dir} is not the one the gallery was built "
                              f"with (rebuilt?); rebuild the gallery with --overwrite")
-    elif requested is False or (requested is None and not QueryBank.exists(run_dir)):
-        return None
-    return QueryBank.load(run_dir, model_hash(run_dir))
+        return QueryBank.load(run_dir, model_hash(run_dir)), recorded["sha256"]
+    if requested is False or (requested is None and not QueryBank.exists(run_dir)):
+        return None, None
+    return QueryBank.load(run_dir, model_hash(run_dir)), QueryBank.file_hash(run_dir)
 
 
 def _discounted(vectors: np.ndarray, discount: Any, offset: float) -> np.ndarray:
@@ -164,12 +165,6 @@ def _discounted(vectors: np.ndarray, discount: Any, offset: float) -> np.ndarray
     which leaves rankings as they are but keeps the extra coordinate small: a coordinate of the discount's full size
     (≈ 1.3 against vectors of length ≈ 1.2 on Flickr8k) cost HNSW and IVF-PQ recall."""
     return np.concatenate([vectors, -(discount.numpy()[:, None] - offset)], axis=1).astype(np.float32)
-
-
-def _offset(old_manifest: dict[str, Any] | None, key: str, discount: Any) -> float:
-    """The gallery's offset ``key``: the one it was built with, or the mean of these first ``discount`` values."""
-    recorded = (old_manifest or {}).get("querybank") or {}
-    return float(recorded[key]) if recorded.get(key) is not None else float(discount.mean())
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:
@@ -203,7 +198,6 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
     """
     import torch
 
-    from selfalign.evaluate.querybank import QueryBank
     from selfalign.evaluate.runner import encode_captions
     from selfalign.model.checkpoint import load_model, read_run_config
     from selfalign.train.trainer import resolve_device
@@ -235,7 +229,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         raise InputError(f"{out}: already holds a gallery of {read_manifest(out)['images']} image(s); pass --add to "
                          f"add these images to it, or --overwrite to replace it")
     replaced = _milvus_collections(out) if not add and has_gallery else []
-    bank = _gallery_querybank(run_dir, out, querybank, old_manifest)
+    bank, bank_sha = _gallery_querybank(run_dir, out, querybank, old_manifest)
     dev = resolve_device(device)
     model, _ = load_model(run_dir, dev)
     plan = RegionPlan.from_dict(old_manifest["query_regions"], str(out / MANIFEST)) if add else plan_regions(cfg)
@@ -281,10 +275,13 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         boxes, counts = _write_regions(tmp / REGIONS, old_regions, new, cfg.model.image_dim)
         embeddings = _encode_new(model, tmp / REGIONS, len(old_images), counts, new)
         next_id = int(old_manifest.get("next_id", len(old_images))) if add else 0
-        offsets: dict[str, float | None] = {"image_offset": None, "caption_offset": None}
+        # a gallery keeps the offsets it was built with; the first discounted images (captions) fix them
+        recorded = (old_manifest or {}).get("querybank") or {}
+        offsets = {key: recorded.get(key) for key in ("image_offset", "caption_offset")}
         if bank is not None and bank.beta_images is not None:
             discount = bank.image_discount(torch.from_numpy(embeddings))
-            offsets["image_offset"] = _offset(old_manifest, "image_offset", discount)
+            if offsets["image_offset"] is None:
+                offsets["image_offset"] = float(discount.mean())
             embeddings = _discounted(embeddings, discount, offsets["image_offset"])
         _, start = _append_vectors(out / IMAGE_VECTORS if add else None, backend, kind, uri, "images", embeddings,
                                    next_id, tmp / IMAGE_VECTORS)
@@ -293,7 +290,6 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         write_text(tmp / IMAGES, _jsonl(old_images + new_rows))
         captions = list(old_captions)
         next_caption = int(old_manifest.get("next_caption_id", len(old_captions))) if add else 0
-        had_captions = add and bool(old_manifest["captions"])
         if new.captions is not None:
             texts = [c for caps in new.captions for c in caps]
             vectors = encode_captions(model, texts)
@@ -301,9 +297,11 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
                 vectors = vectors.numpy()
             else:
                 discount = bank.caption_discount(vectors)
-                offsets["caption_offset"] = _offset(old_manifest if had_captions else None, "caption_offset", discount)
+                if offsets["caption_offset"] is None:
+                    offsets["caption_offset"] = float(discount.mean())
                 vectors = _discounted(vectors.numpy(), discount, offsets["caption_offset"])
-            _, cstart = _append_vectors(out / CAPTION_VECTORS if had_captions else None, backend, kind, uri, "captions",
+            had = add and bool(old_manifest["captions"])
+            _, cstart = _append_vectors(out / CAPTION_VECTORS if had else None, backend, kind, uri, "captions",
                                         vectors, next_caption, tmp / CAPTION_VECTORS)
             captions += [{"id": cstart + j, "image": start + j // 5, "text": t} for j, t in enumerate(texts)]
             next_caption = cstart + len(texts)
@@ -315,10 +313,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
         write_json(tmp / MANIFEST, {
             "format": FORMAT, "version": FORMAT_VERSION, "run_dir": str(run_dir), "model_hash": model_hash(run_dir),
             "backend": backend, "embedding_dim": int(model.embedding_dim), "images": len(old_images) + len(new_rows),
-            "querybank": None if bank is None else {
-                **bank.describe(), "sha256": QueryBank.file_hash(run_dir),
-                **{k: v if v is not None else ((old_manifest or {}).get("querybank") or {}).get(k)
-                   for k, v in offsets.items()}},
+            "querybank": None if bank is None else {**bank.describe(), "sha256": bank_sha, **offsets},
             "captions": len(captions), "next_id": start + len(new_rows), "next_caption_id": next_caption,
             "image_root": old_manifest.get("image_root") if add else source["path"],
             "query_regions": plan.to_dict(), "created": old_manifest.get("created") if add else now, "updated": now,

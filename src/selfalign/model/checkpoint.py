@@ -38,6 +38,15 @@ def save_run_files(run_dir: str | Path, cfg: RunConfig, vocab: Vocabulary | None
         vocab.save(run_dir / VOCAB)
 
 
+def file_digest(path: str | Path, digest=None):
+    """``digest`` (a new sha256 by default) updated with the bytes of ``path``, read 1 MiB at a time."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
 def model_hash(run_dir: str | Path) -> str:
     """sha256 over the run's config, vocabulary and weights: what was derived from a model (a gallery, a query bank)
     is only valid for that model."""
@@ -46,9 +55,7 @@ def model_hash(run_dir: str | Path) -> str:
         path = Path(run_dir) / name
         if path.is_file():
             digest.update(name.encode() + b"\0")
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            file_digest(path, digest)
     return digest.hexdigest()
 
 
