@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from selfalign.errors import ConfigError
-from selfalign.vision.backbone import FEATURE_DIM, feature_map, load_backbone, preprocess, to_rgb
+from selfalign.vision.backbone import (
+    FEATURE_DIM, TAIL_IN_DIM, BackboneTail, feature_map, load_backbone, preprocess, stem_map, to_rgb,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FLICKR_IMAGES = SHARED / "data" / "flickr8k" / "images"
@@ -93,3 +95,20 @@ def test_recognises_a_dog_photo(backbone):
     with torch.inference_mode():
         logits = backbone(preprocess([Image.open(path)], 224))
     assert 151 <= int(logits.argmax()) <= 268
+
+
+def test_the_tail_of_the_stem_map_is_the_feature_map(backbone):
+    """The trainable top (model.image_backbone_tail) reproduces the frozen network exactly, keeps its batch-norm
+    statistics when the model trains, and passes gradients to its weights."""
+    x = preprocess([Image.new("RGB", (90, 70), (200, 30, 60)), Image.new("RGB", (64, 64), (10, 120, 40))], 96)
+    tail = BackboneTail()
+    with torch.no_grad():
+        cells = stem_map(backbone, x)
+        assert cells.shape == (2, TAIL_IN_DIM, 3, 3)
+        torch.testing.assert_close(tail(cells), feature_map(backbone, x), rtol=0, atol=0)
+    tail.train()
+    assert not any(m.training for m in tail.modules())
+    tail(cells).sum().backward()
+    assert all(p.grad is not None for p in tail.parameters())
+    assert sum(p.numel() for p in tail.parameters()) == 2_446_080
+    assert torch.equal(tail.blocks[0]._bn0.running_mean, BackboneTail().blocks[0]._bn0.running_mean)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from selfalign.data.captions import CaptionedSplit
@@ -260,3 +261,23 @@ def test_mirror_split_errors_name_the_fix(tmp_path, backbone):
                         original.image_ids)  # fmt: skip
     with pytest.raises(InputError, match="same order"):
         load_mirror_split(feat, "train", original)
+
+
+def test_tail_regions_are_the_map_entering_the_backbones_top(tmp_path, backbone):
+    """regions=tail stores every cell of the 192-d map the model's backbone top reads, and nothing else."""
+    from selfalign.vision.backbone import TAIL_IN_DIM, preprocess, stem_map
+    from selfalign.vision.regions import load_image
+
+    split = _make_split(tmp_path / "data", n=3)
+    extract_split(split, tmp_path / "feat", "train", "tail", image_size=SIZE, backbone=backbone, progress=False)
+    store = load_feature_split(tmp_path / "feat", "train")
+    assert store.images.shape == (3, 4, TAIL_IN_DIM) and store.n_regions.tolist() == [4, 4, 4]
+    assert read_meta(tmp_path / "feat")["feature_dim"] == TAIL_IN_DIM
+    np.testing.assert_allclose(store.boxes[0], [[0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]])
+    with torch.inference_mode():
+        cells = stem_map(backbone, preprocess([load_image(split.image_paths[1])], SIZE))
+    np.testing.assert_allclose(store.images[1].astype(np.float32), cells[0].flatten(1).T.numpy(), atol=1e-2, rtol=1e-2)
+    feats, _, _ = extract_images(split.image_paths[:2], backbone, "tail", image_size=SIZE)
+    np.testing.assert_array_equal(feats, store.images[:2])
+    with pytest.raises(ConfigError, match="regions=tail keeps every cell"):
+        extract_images(split.image_paths[:1], backbone, "tail", image_size=SIZE, max_regions=2)

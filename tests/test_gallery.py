@@ -365,3 +365,33 @@ def test_a_gallery_with_a_query_bank_searches_the_normalised_scores(tiny_scenes_
     assert read_manifest(tmp_path / "plain")["querybank"] is None
     with pytest.raises(InputError, match="selfalign querybank"):
         build_gallery(tiny_scenes_run["run_dir"], tmp_path / "none", image_folder, querybank=True, progress=False)
+
+
+def test_a_run_that_fine_tunes_the_backbone_top_indexes_new_images(tiny_scenes_run, image_folder, tmp_path):
+    """model.image_backbone_tail: trained on a regions=tail store, a gallery of new photos extracts the same map
+    for them (plan mode tail), and an image query is embedded exactly as its gallery vector."""
+    from selfalign.data.scenes import load_scenes
+    from selfalign.pipeline import evaluate_run
+    from selfalign.train import train
+    from selfalign.vision.extract import extract_split
+
+    from conftest import tiny_overrides
+
+    root, features = tiny_scenes_run["root"], tmp_path / "tail"
+    for split in ("train", "dev", "test"):
+        extract_split(load_scenes(root, split), features, split, "tail", image_size=64, progress=False)
+    cfg = load_config(None, tiny_overrides(features, tmp_path / "runs", "tail") + [
+        "data.regions=tail", "model.image_dim=192", "model.image_backbone_tail=true", "train.epochs=1",
+        f"data.root={root}", "data.image_size=64"])
+    run = train(cfg, progress=False)
+    model, _ = load_model(run)
+    untouched = load_model(tiny_scenes_run["run_dir"])[0]  # a run that froze the backbone
+    assert model.image_tail is not None and untouched.image_tail is None
+    assert evaluate_run(run, "test", device="cpu")["rsum"] > 0
+    build_gallery(run, tmp_path / "folder", image_folder, progress=False)
+    gallery = Gallery.load(tmp_path / "folder")
+    assert gallery.plan.mode == "tail" and read_manifest(tmp_path / "folder")["query_regions"]["mode"] == "tail"
+    for record in gallery.images[:3]:  # the query's vector is the stored one: it finds itself, scored v . v
+        vector = gallery.encode_image(record["path"])[0]
+        hit = gallery.search_image(record["path"], 1)[0]
+        assert hit["image_id"] == record["image_id"] and hit["score"] == pytest.approx(float(vector @ vector), abs=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from selfalign.config import load_config
+from selfalign.errors import ConfigError, InputError
 from selfalign.model.checkpoint import build_model
 from selfalign.model.image_encoder import ImageEncoder
 
@@ -60,3 +61,50 @@ def test_config_switch_builds_and_reloads_strictly(tmp_path):
     assert plain.image_encoder.mean_skip is None
     with pytest.raises(RuntimeError):
         plain.load_state_dict(model.state_dict(), strict=True)
+
+
+def _tail_config(*extra: str):
+    return load_config(None, ["model.image_backbone_tail=true", "model.image_dim=192", "model.text_encoder=bigru",
+                              "model.embed_dim=16", "model.word_dim=8", "model.image_context_heads=2",
+                              "align.codebook_size=8", *extra])
+
+
+def test_backbone_tail_turns_stored_cells_into_grid_regions(tmp_path):
+    """model.image_backbone_tail: the model runs the backbone's top on a tail store's cells and encodes the result
+    exactly as a grid store's regions (whole image first); a dropped cell only hides its own final region."""
+    from selfalign.data.text import Vocabulary
+    from selfalign.model.checkpoint import WEIGHTS, load_model, save_run_files, save_weights
+    from selfalign.train.trainer import build_optimizer
+
+    vocab = Vocabulary.build(["a red cube", "a blue ball"])
+    cfg = _tail_config()
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab).eval()
+    cells = torch.randn(2, 9, 192)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 4] = False
+    with torch.no_grad():
+        final = model.image_tail(cells.transpose(1, 2).unflatten(2, (3, 3))).flatten(2).transpose(1, 2)
+        grid = torch.cat([final.mean(1, keepdim=True), final], dim=1)
+        expected = model.image_encoder(grid, torch.cat([torch.ones(2, 1, dtype=torch.bool), mask], 1))[0]
+        got = model.encode_image(cells, mask)
+    torch.testing.assert_close(got.base, expected)
+    assert got.mask.shape == (2, 10) and not got.mask[1, 5] and got.mask[:, 0].all()
+    groups = build_optimizer(model, cfg).param_groups
+    tail_ids = {id(p) for p in model.image_tail.parameters()}
+    tail_group = [g for g in groups if {id(p) for p in g["params"]} == tail_ids]
+    assert len(tail_group) == 1 and tail_group[0]["lr"] == pytest.approx(cfg.train.lr * cfg.model.backbone_lr_scale)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_run_files(run, cfg, vocab)
+    save_weights(model, run / WEIGHTS)
+    reloaded, _ = load_model(run)  # built with random weights, filled from the checkpoint
+    torch.testing.assert_close(reloaded.encode_image(cells, mask).embedding, got.embedding)
+    with torch.no_grad():
+        model.image_tail.conv_head.weight.add_(1.0)
+    assert not torch.equal(reloaded.image_tail.conv_head.weight, model.image_tail.conv_head.weight)
+    torch.testing.assert_close(reloaded.image_tail.conv_head.weight + 1.0, model.image_tail.conv_head.weight)
+    with pytest.raises(InputError, match="G x G cells"):
+        model.encode_image(torch.randn(1, 8, 192), torch.ones(1, 8, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="model.image_dim.*192"):
+        build_model(_tail_config("model.image_dim=1280"), vocab)

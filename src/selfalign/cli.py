@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--out", required=True, help="feature store folder")
     p.add_argument("--splits", default="train,dev,test")
-    p.add_argument("--regions", default=None, choices=["grid", "boxes", "detector"],
-                   help="default: boxes for scenes (their ground-truth boxes), grid for every other dataset")
+    p.add_argument("--regions", default=None, choices=["grid", "boxes", "detector", "tail"],
+                   help="default: boxes for scenes (their ground-truth boxes), grid for every other dataset; tail: "
+                        "the map entering the backbone's top, for model.image_backbone_tail")
     p.add_argument("--detector", default="", help="YOLOX-Nano ONNX file (regions=detector)")
     p.add_argument("--karpathy-json", default="")
     p.add_argument("--size", type=int, default=224)

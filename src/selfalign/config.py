@@ -26,7 +26,8 @@ class DataConfig:
     dataset: Literal["scenes", "flickr", "karpathy", "precomp", "folder"] = "scenes"
     root: str = "data/scenes"  # the dataset (images + captions + splits); unused for precomp
     features: str = "features/scenes"  # the feature store ({split}_ims.npy, ...)
-    regions: Literal["grid", "boxes", "detector"] = "boxes"
+    # tail: the 192-d map entering the backbone's top, for model.image_backbone_tail (extract --regions tail)
+    regions: Literal["grid", "boxes", "detector", "tail"] = "boxes"
     detector_path: str = ""  # YOLOX-Nano ONNX file, for regions=detector
     detector_top_k: int = 20
     image_size: int = 224
@@ -55,6 +56,10 @@ class ModelConfig:
     # A linear path from the mean of the input regions straight into the pooled image embedding, beside the
     # region encoder: with frozen features and little data the mean feature carries most of the signal.
     image_mean_skip: bool = False
+    # Fine-tune EfficientNet-Lite0's top (its last stride-32 blocks and head, 2.4 M weights) inside the image
+    # encoder, at backbone_lr_scale x the learning rate; needs a store of regions=tail (image_dim 192).
+    image_backbone_tail: bool = False
+    backbone_lr_scale: float = 0.1
     text_encoder: Literal["bigru", "minilm"] = "bigru"
     word_dim: int = 300
     glove: bool = False  # initialise word embeddings from GloVe 6B 50d (projected), bigru only

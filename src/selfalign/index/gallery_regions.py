@@ -4,6 +4,7 @@ A run is trained on one kind of region (its feature store's ``meta.json``: grid,
 arrive later — a plain folder, an uploaded query — must get regions of the same kind where possible:
 
 * ``grid``     -> grid cells (any image has them);
+* ``tail``     -> the cells of the map entering the backbone's top, which the run fine-tuned;
 * ``detector`` -> YOLOX-Nano boxes (``data.detector_path``);
 * ``boxes``    -> a new image has no ground-truth boxes: detector boxes if ``data.detector_path`` is configured,
   else the whole image plus grid cells — with a warning, since those regions differ from training.
@@ -29,7 +30,8 @@ from selfalign.errors import InputError
 
 @dataclass(frozen=True)
 class RegionPlan:
-    """How to turn a new image into regions: ``mode`` is ``grid`` or ``detector``; ``trained`` is the run's kind."""
+    """How to turn a new image into regions: ``mode`` is ``grid``, ``tail`` or ``detector``; ``trained`` is the
+    run's kind."""
 
     mode: str
     trained: str
@@ -49,8 +51,8 @@ class RegionPlan:
             plan = cls(**values)
         except TypeError as exc:
             raise InputError(f"{where}: field 'query_regions' is malformed ({exc})") from None
-        if plan.mode not in ("grid", "detector"):
-            raise InputError(f"{where}: query_regions.mode must be 'grid' or 'detector', got {plan.mode!r}")
+        if plan.mode not in ("grid", "tail", "detector"):
+            raise InputError(f"{where}: query_regions.mode must be 'grid', 'tail' or 'detector', got {plan.mode!r}")
         return plan
 
     def cache_key(self) -> str:
@@ -73,8 +75,8 @@ def plan_regions(cfg: RunConfig) -> RegionPlan:
     max_regions = meta.get("max_regions")
     base = {"trained": trained, "image_size": size, "max_regions": max_regions,
             "detector_top_k": cfg.data.detector_top_k, "mirror": cfg.data.mirror_test}
-    if trained == "grid":
-        return RegionPlan(mode="grid", **base)
+    if trained in ("grid", "tail"):
+        return RegionPlan(mode=trained, **base)
     detector = cfg.data.detector_path
     if trained == "detector":
         if not detector:

@@ -14,7 +14,7 @@ from torch import nn
 
 from selfalign.config import AlignConfig, ModelConfig
 from selfalign.data.text import TokenBatch, Vocabulary
-from selfalign.errors import ConfigError
+from selfalign.errors import ConfigError, InputError
 from selfalign.model.image_encoder import ImageEncoder
 from selfalign.model.text_encoder import GRUTextEncoder, MiniLMTextEncoder
 
@@ -50,7 +50,18 @@ class RetrievalModel(nn.Module):
         self.model_cfg = model_cfg
         self.align_cfg = align_cfg
         d = model_cfg.embed_dim
-        self.image_encoder = ImageEncoder(model_cfg.image_dim, d, model_cfg.image_context_layers,
+        self.image_tail = None
+        region_dim = model_cfg.image_dim
+        if model_cfg.image_backbone_tail:
+            from selfalign.vision.backbone import FEATURE_DIM, TAIL_IN_DIM, BackboneTail
+
+            if model_cfg.image_dim != TAIL_IN_DIM:
+                raise ConfigError(f"config key 'model.image_dim': must be {TAIL_IN_DIM} (the map entering the "
+                                  f"backbone's top, a store of regions=tail) with model.image_backbone_tail, got "
+                                  f"{model_cfg.image_dim}")
+            self.image_tail = BackboneTail(pretrained=init_pretrained)
+            region_dim = FEATURE_DIM
+        self.image_encoder = ImageEncoder(region_dim, d, model_cfg.image_context_layers,
                                           model_cfg.image_context_heads, model_cfg.dropout, model_cfg.pooling,
                                           model_cfg.image_mean_skip)
         if model_cfg.text_encoder == "minilm":
@@ -82,12 +93,31 @@ class RetrievalModel(nn.Module):
         return self.text_encoder.tokenize(captions)
 
     def encode_image(self, regions: torch.Tensor, mask: torch.Tensor) -> Encoded:
-        """``regions [B, R, D_in]``, ``mask [B, R]`` -> Encoded with ``embedding [B, E]``."""
+        """``regions [B, R, D_in]``, ``mask [B, R]`` -> Encoded with ``embedding [B, E]``.
+
+        With ``model.image_backbone_tail`` the regions are the ``G x G`` cells of the map entering the backbone's
+        top (``[B, G*G, 192]``, row by row); the top turns them into the final cells, and the whole image (their
+        mean) is put first, so the encoder sees ``[B, 1 + G*G, 1280]`` as from a grid store. A masked cell (region
+        dropout) still feeds the convolutions; only its final region is left out.
+        """
+        if self.image_tail is not None:
+            regions, mask = self._tail_regions(regions, mask)
         base, free, context = self.image_encoder(regions, mask)
         if self.align is not None and self.align_cfg.cra:
             heads = self.align.image_context(context, mask)
             return Encoded(self.align.embed_image(base, heads), base, free, context, mask, heads)
         return Encoded(base, base, free, context, mask)
+
+    def _tail_regions(self, cells: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cells [B, G*G, 192]``, ``mask [B, G*G]`` -> final regions ``[B, 1 + G*G, 1280]`` and their mask."""
+        side = round(cells.shape[1] ** 0.5)
+        if side * side != cells.shape[1]:
+            raise InputError(f"model.image_backbone_tail needs the G x G cells of a regions=tail store, got "
+                             f"{cells.shape[1]} regions per image")
+        maps = cells.to(self.image_tail.conv_head.weight.dtype).transpose(1, 2).unflatten(2, (side, side))
+        final = self.image_tail(maps).flatten(2).transpose(1, 2)  # [B, G*G, 1280]
+        regions = torch.cat([final.mean(dim=1, keepdim=True), final], dim=1)
+        return regions, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
 
     def encode_text(self, tokens: TokenBatch) -> Encoded:
         """Token batch ``ids [B, L]`` -> Encoded with ``embedding [B, E]``."""

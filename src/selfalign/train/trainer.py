@@ -52,12 +52,15 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; a pretrained text transformer trains at ``model.minilm_lr_scale`` × the learning rate."""
-    pretrained = [p for n, p in model.named_parameters() if n.startswith("text_encoder.transformer.")]
-    ids = {id(p) for p in pretrained}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.train.lr}]
-    if pretrained:
-        groups.append({"params": pretrained, "lr": cfg.train.lr * cfg.model.minilm_lr_scale})
+    """AdamW; a pretrained text transformer trains at ``model.minilm_lr_scale`` × the learning rate, the image
+    backbone's top (``model.image_backbone_tail``) at ``model.backbone_lr_scale`` ×."""
+    scaled = {"text_encoder.transformer.": cfg.model.minilm_lr_scale, "image_tail.": cfg.model.backbone_lr_scale}
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not n.startswith(tuple(scaled))], "lr": cfg.train.lr}]
+    for prefix, scale in scaled.items():
+        params = [p for n, p in named if n.startswith(prefix)]
+        if params:
+            groups.append({"params": params, "lr": cfg.train.lr * scale})
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 

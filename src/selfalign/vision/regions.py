@@ -3,6 +3,10 @@
 Region 0 of every image is the whole image (mean of the feature map). The other regions are, per ``regions``:
 ``grid`` every cell of the final feature map; ``boxes`` given boxes (a dataset's ground truth); ``detector``
 YOLOX-Nano boxes. Boxes are stored normalised to [0, 1]; images are padded with zero regions to the largest count.
+
+``tail`` is for a model that fine-tunes the backbone's top (``model.image_backbone_tail``): every cell of the
+192-d map entering that top (:func:`selfalign.vision.backbone.stem_map`), no whole-image region — the model
+computes the final cells and the whole image itself.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import torch
 from PIL import Image, ImageOps
 
 from selfalign.errors import ConfigError, InputError
-from selfalign.vision.backbone import FEATURE_DIM, check_image_size, feature_map, preprocess, to_rgb
+from selfalign.vision.backbone import FEATURE_DIM, check_image_size, feature_map, preprocess, stem_map, to_rgb
 from selfalign.vision.detector import Detector
 from selfalign.vision.roi_align import pool_regions
 
-REGION_KINDS = ("grid", "boxes", "detector")
+REGION_KINDS = ("grid", "boxes", "detector", "tail")
 ROI_OUTPUT = (2, 2)
 ROI_SAMPLING = 2
 
@@ -85,8 +89,15 @@ def batch_regions(
     pixel_boxes: list[np.ndarray] | None,
     max_regions: int | None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """RGB images -> per image (features ``[n_i, D]`` float32, normalised boxes ``[n_i, 4]``), region 0 = whole."""
-    fmap = feature_map(backbone, preprocess(images, image_size).to(device)).float()  # [B, D, G, G]
+    """RGB images -> per image (features ``[n_i, D]`` float32, normalised boxes ``[n_i, 4]``), region 0 = whole
+    (but for ``tail``: the cells of the map entering the backbone's top, ``D`` = 192)."""
+    pixels = preprocess(images, image_size).to(device)
+    if regions == "tail":
+        cells = stem_map(backbone, pixels).float()  # [B, 192, G, G]
+        boxes = _grid_boxes(cells.shape[-1])
+        feats = cells.flatten(2).transpose(1, 2).cpu().numpy()
+        return [(feats[i], boxes) for i in range(len(images))]
+    fmap = feature_map(backbone, pixels).float()  # [B, D, G, G]
     whole = fmap.mean(dim=(2, 3))
     cells = fmap.shape[-1]
     limit = max_regions or sys.maxsize
@@ -135,6 +146,9 @@ def check_settings(regions: str, image_size: int, detector: Detector | None, max
     check_image_size(image_size)
     if regions == "detector" and detector is None:
         raise ConfigError("regions=detector needs a detector (config data.detector_path)")
+    if regions == "tail" and max_regions is not None:
+        raise ConfigError("regions=tail keeps every cell of the map (the model runs convolutions over it); "
+                          f"max_regions must be unset, got {max_regions}")
     if max_regions is not None and max_regions < 1:
         raise ConfigError(f"max_regions must be at least 1 (the whole image), got {max_regions}")
 
