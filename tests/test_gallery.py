@@ -395,3 +395,7 @@ def test_a_run_that_fine_tunes_the_backbone_top_indexes_new_images(tiny_scenes_r
         vector = gallery.encode_image(record["path"])[0]
         hit = gallery.search_image(record["path"], 1)[0]
         assert hit["image_id"] == record["image_id"] and hit["score"] == pytest.approx(float(vector @ vector), abs=1e-4)
+    cells = [list(map(float, b)) for b in gallery.images[0]["boxes"]]
+    words = gallery.explain("a red circle", 0)["words"]  # region 0 is the whole image the model put first
+    assert words and all(1 <= w["region"] <= len(cells) and w["box"] == pytest.approx(cells[w["region"] - 1], abs=1e-4)
+                         for w in words)

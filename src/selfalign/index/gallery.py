@@ -260,6 +260,8 @@ class Gallery:
         feats = np.asarray(self.regions[row : row + 1, :n], dtype=np.float32)
         regions = torch.from_numpy(feats).to(self.device)
         img = self.model.encode_image(regions, torch.ones(1, n, dtype=torch.bool, device=self.device))
+        boxes = self.model.region_boxes(np.asarray(record["boxes"], dtype=np.float32))
+        n = len(boxes)
         tokens = self.model.tokenize([query]).to(self.device)
         txt = self.model.encode_text(tokens)
         sims = (txt.free[0].float() @ img.free[0].float().T).cpu().numpy()  # [L, R]
@@ -272,7 +274,7 @@ class Gallery:
                 continue  # transformer specials ([CLS], [SEP]) are no words of the query
             r = first + int(np.argmax(sims[j, first:n]))
             words.append({"word": word, "known": vocab is None or word in vocab.stoi,
-                          "box": [round(float(v), 4) for v in record["boxes"][r]], "region": r,
+                          "box": [round(float(v), 4) for v in boxes[r]], "region": r,
                           "score": round(float(sims[j, r]), 4)})
         score = float((txt.embedding.float() @ img.embedding.float().T).item())
         return {"id": int(record["id"]), "image_id": record["image_id"], "query": query, "score": round(score, 6),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -118,6 +119,13 @@ class RetrievalModel(nn.Module):
         final = self.image_tail(maps).flatten(2).transpose(1, 2)  # [B, G*G, 1280]
         regions = torch.cat([final.mean(dim=1, keepdim=True), final], dim=1)
         return regions, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+
+    def region_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Stored region boxes ``[R, 4]`` -> the boxes of the regions :meth:`encode_image` returns (a backbone-top
+        run puts the whole image first)."""
+        if self.image_tail is None:
+            return boxes
+        return np.concatenate([np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32), np.asarray(boxes, np.float32)])
 
     def encode_text(self, tokens: TokenBatch) -> Encoded:
         """Token batch ``ids [B, L]`` -> Encoded with ``embedding [B, E]``."""
