@@ -8,6 +8,9 @@ Configurations (each a change of ``src/selfalign/configs/flickr8k.yaml``, the ma
   base       the same without SelfAlign (LCA and CRA off)                     every seed of --seeds
   bigru      BiGRU text encoder (GloVe-initialised when the package is there) --ablation-seeds
   detector   YOLOX-Nano boxes + whole image instead of the grid (--detector)   --ablation-seeds
+  tail       the main configuration with EfficientNet-Lite0's top fine-tuned  --ablation-seeds
+             (model.image_backbone_tail, on a regions=tail store)
+  tail-base  the same without SelfAlign                                        --ablation-seeds
 Runs go in the order of their priority (seed 0 of the main pair first). A finished run (``eval.json``) is skipped and
 an interrupted one resumes, so the script can be stopped and rerun at any time; several copies may run at once on
 different ``--configs``. Every invocation rewrites ``results.json`` and ``results.md`` from all finished runs.
@@ -35,11 +38,14 @@ from selfalign.config import load_config
 
 MAIN_CONFIG = Path(__file__).resolve().parents[1] / "src" / "selfalign" / "configs" / "flickr8k.yaml"
 SPLITS = ("train", "dev", "test")
+TAIL = ["data.regions=tail", "model.image_dim=192", "model.image_backbone_tail=true"]
 CONFIGS = {  # name: (regions, overrides)
     "selfalign": ("grid", []),
     "base": ("grid", ["align.lca=false", "align.cra=false"]),
     "bigru": ("grid", ["model.text_encoder=bigru"]),
     "detector": ("detector", []),
+    "tail": ("tail", TAIL),
+    "tail-base": ("tail", TAIL + ["align.lca=false", "align.cra=false"]),
 }
 QUICK_IMAGES = {"train": 40, "dev": 10, "test": 10}
 QUICK_OVERRIDES = ["model.embed_dim=32", "model.image_context_heads=2", "model.word_dim=16", "align.codebook_size=16",
@@ -52,7 +58,8 @@ PUBLISHED = {
     "HGLMM Fisher vectors (Klein et al. 2015)": (31.0, 59.3, 73.7, 21.2, 50.0, 64.8, 300.0),
 }
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base"), "+querybank"
+QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base", "tail", "tail-base"), "+querybank"
+PAIRS = {"selfalign_gain": ("selfalign", "base"), "tail_gain": ("tail", "tail-base")}  # SelfAlign vs its base
 
 
 def now() -> str:
@@ -160,12 +167,13 @@ def summarise(results: dict) -> dict:
             row[key] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
         row["train_seconds_mean"] = statistics.fmean(m.get("train_seconds", 0.0) for m in per_seed.values())
         summary[name] = row
-    for suffix in ("", QUERYBANK):
-        ours, base = results.get("selfalign" + suffix), results.get("base" + suffix)
-        if ours and base:
-            gains = {s: ours[s]["rsum"] - base[s]["rsum"] for s in sorted(set(ours) & set(base))}
-            summary["selfalign_gain" + suffix] = {"per_seed": gains,
-                                                  "mean": statistics.fmean(gains.values()) if gains else None}
+    for key, (with_it, without) in PAIRS.items():
+        for suffix in ("", QUERYBANK):
+            ours, base = results.get(with_it + suffix), results.get(without + suffix)
+            if ours and base:
+                gains = {s: ours[s]["rsum"] - base[s]["rsum"] for s in sorted(set(ours) & set(base))}
+                summary[key + suffix] = {"per_seed": gains,
+                                         "mean": statistics.fmean(gains.values()) if gains else None}
     return summary
 
 
@@ -181,18 +189,19 @@ def markdown(results: dict, summary: dict, command: str) -> str:
     lines += ["", "Mean ± std over seeds, with published Flickr8k 1K-test results:\n",
               head.format("config", "seeds").rstrip("\n")]
     for name, row in summary.items():
-        if name.startswith("selfalign_gain"):
+        if name.startswith(tuple(PAIRS)):
             continue
         cells = " | ".join(f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" if len(row["seeds"]) > 1
                            else f"{row[k]['mean']:.1f}" for k in METRICS)
         lines.append(f"| {name} | {cells} | {len(row['seeds'])} |")
     for paper, values in PUBLISHED.items():
         lines.append(f"| {paper} | " + " | ".join(f"{v:.1f}" for v in values) + " | — |")
-    for suffix, label in (("", ""), (QUERYBANK, ", both with their query banks")):
-        gain = summary.get("selfalign_gain" + suffix)
-        if gain and gain["mean"] is not None:
-            per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in gain["per_seed"].items())
-            lines.append(f"\nSelfAlign − base rsum{label}: mean {gain['mean']:+.1f} ({per})")
+    for key, (with_it, without) in PAIRS.items():
+        for suffix, label in (("", ""), (QUERYBANK, ", both with their query banks")):
+            gain = summary.get(key + suffix)
+            if gain and gain["mean"] is not None:
+                per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in gain["per_seed"].items())
+                lines.append(f"\n{with_it} − {without} rsum{label}: mean {gain['mean']:+.1f} ({per})")
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +214,7 @@ def plan(args) -> list[tuple[str, int]]:
     seeds = [int(s) for s in args.seeds.split(",")]
     ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")]
     order = [(n, s) for s in seeds for n in ("selfalign", "base") if n in wanted]
+    order += [(n, s) for s in ablation_seeds for n in ("tail", "tail-base") if n in wanted]
     order += [(n, s) for n in ("bigru", "detector") if n in wanted for s in ablation_seeds]
     return order
 

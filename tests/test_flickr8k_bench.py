@@ -140,7 +140,7 @@ def _quick_and_resume(bench, out: Path) -> None:
         metrics = json.loads((out / f"{name}-seed0" / "eval.json").read_text())
         assert metrics["n_images"] == bench.QUICK_IMAGES["test"] and metrics["n_captions"] == 5 * metrics["n_images"]
         assert 0 <= metrics["rsum"] <= 600 and metrics["train_seconds"] > 0
-    assert "SelfAlign − base rsum" in (out / "results.md").read_text()
+    assert "selfalign − base rsum" in (out / "results.md").read_text()
     assert set(report["summary"]) >= {"selfalign+querybank", "base+querybank", "selfalign_gain+querybank"}
     banked = json.loads((out / "selfalign-seed0" / "eval_querybank.json").read_text())
     assert banked["querybank"]["split"] == "train" and banked["querybank_seconds"] > 0
@@ -153,3 +153,17 @@ def _quick_and_resume(bench, out: Path) -> None:
     assert again["runs"]["base"]["0"]["rsum"] == report["runs"]["base"]["0"]["rsum"]
     with pytest.raises(SystemExit):
         bench.main(["--data", str(FLICKR8K), "--out", str(out), "--quick", "--configs", "nope"])
+
+
+def test_plan_puts_the_main_pair_first_and_pairs_the_backbone_top_runs():
+    bench = _load_bench()
+    args = bench.parse_args(["--data", "x", "--seeds", "0,1", "--ablation-seeds", "0", "--configs",
+                             "detector,tail-base,tail,base,selfalign"])
+    assert bench.plan(args) == [("selfalign", 0), ("base", 0), ("selfalign", 1), ("base", 1), ("tail", 0),
+                                ("tail-base", 0), ("detector", 0)]
+    assert bench.CONFIGS["tail"][0] == "tail" and "model.image_backbone_tail=true" in bench.CONFIGS["tail"][1]
+    results = {name: {"0": {k: 1.0 for k in bench.METRICS}} for name in ("tail", "tail-base")}
+    results["tail"]["0"]["rsum"] = 5.0
+    summary = bench.summarise(results)
+    assert summary["tail_gain"]["mean"] == 4.0 and "tail − tail-base rsum: mean +4.0" in bench.markdown(
+        results, summary, "cmd")
