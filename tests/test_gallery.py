@@ -367,23 +367,30 @@ def test_a_gallery_with_a_query_bank_searches_the_normalised_scores(tiny_scenes_
         build_gallery(tiny_scenes_run["run_dir"], tmp_path / "none", image_folder, querybank=True, progress=False)
 
 
-def test_a_run_that_fine_tunes_the_backbone_top_indexes_new_images(tiny_scenes_run, image_folder, tmp_path):
-    """model.image_backbone_tail: trained on a regions=tail store, a gallery of new photos extracts the same map
-    for them (plan mode tail), and an image query is embedded exactly as its gallery vector."""
+@pytest.fixture(scope="module")
+def tail_run(tiny_scenes_run, tmp_path_factory) -> Path:
+    """A 1-epoch run of the tiny scenes that fine-tunes the backbone's top, on a regions=tail store (2 x 2 maps)."""
     from selfalign.data.scenes import load_scenes
-    from selfalign.pipeline import evaluate_run
     from selfalign.train import train
     from selfalign.vision.extract import extract_split
 
     from conftest import tiny_overrides
 
-    root, features = tiny_scenes_run["root"], tmp_path / "tail"
+    root, base = tiny_scenes_run["root"], tmp_path_factory.mktemp("tail")
     for split in ("train", "dev", "test"):
-        extract_split(load_scenes(root, split), features, split, "tail", image_size=64, progress=False)
-    cfg = load_config(None, tiny_overrides(features, tmp_path / "runs", "tail") + [
+        extract_split(load_scenes(root, split), base / "features", split, "tail", image_size=64, progress=False)
+    cfg = load_config(None, tiny_overrides(base / "features", base / "runs", "tail") + [
         "data.regions=tail", "model.image_dim=192", "model.image_backbone_tail=true", "train.epochs=1",
-        f"data.root={root}", "data.image_size=64"])
-    run = train(cfg, progress=False)
+        f"data.root={root}", "data.image_size=64", "align.codebook_init=data"])
+    return train(cfg, progress=False)
+
+
+def test_a_run_that_fine_tunes_the_backbone_top_indexes_new_images(tail_run, tiny_scenes_run, image_folder, tmp_path):
+    """model.image_backbone_tail: trained on a regions=tail store, a gallery of new photos extracts the same map
+    for them (plan mode tail), and an image query is embedded exactly as its gallery vector."""
+    from selfalign.pipeline import evaluate_run
+
+    run = tail_run
     model, _ = load_model(run)
     untouched = load_model(tiny_scenes_run["run_dir"])[0]  # a run that froze the backbone
     assert model.image_tail is not None and untouched.image_tail is None
@@ -399,3 +406,17 @@ def test_a_run_that_fine_tunes_the_backbone_top_indexes_new_images(tiny_scenes_r
     words = gallery.explain("a red circle", 0)["words"]  # region 0 is the whole image the model put first
     assert words and all(1 <= w["region"] <= len(cells) and w["box"] == pytest.approx(cells[w["region"] - 1], abs=1e-4)
                          for w in words)
+
+
+def test_analysis_of_a_backbone_top_run_sees_the_whole_image_region_first(tail_run, tmp_path):
+    """The codebook analysis pairs each encoded region (whole image first, then the 2 x 2 cells) with its box."""
+    from selfalign.analysis.codebook import assign_split
+    from selfalign.analysis.common import image_locals, load_run_split, require_boxes
+
+    rs = load_run_split(tail_run, "test")
+    free, mask = image_locals(rs.model, rs.split)
+    boxes = require_boxes(rs)
+    assert free.shape[:2] == mask.shape == boxes.shape[:2] == (8, 5) and mask.all()
+    np.testing.assert_allclose(boxes[:, 0], np.tile([0, 0, 1, 1], (8, 1)))
+    np.testing.assert_allclose(boxes[:, 1:], rs.split.boxes)
+    assert len(assign_split(rs)["region_codes"]) == 8 * 5

@@ -84,8 +84,9 @@ def image_locals(model: RetrievalModel, split: FeatureSplit, indices: np.ndarray
     free, mask = [], []
     for start in range(0, len(indices), batch_size):
         regions, m = store.get(indices[start:start + batch_size], model.device)
-        free.append(model.encode_image(regions, m).free.float().cpu())
-        mask.append(m.cpu())
+        encoded = model.encode_image(regions, m)  # its mask: a backbone-top run adds the whole image
+        free.append(encoded.free.float().cpu())
+        mask.append(encoded.mask.cpu())
     return torch.cat(free), torch.cat(mask)
 
 
@@ -126,10 +127,14 @@ def crop(image, box: np.ndarray, size: int = 64):
 
 
 def require_boxes(split: RunSplit) -> np.ndarray:
+    """Boxes ``[N, R, 4]`` of the regions the run's model encodes (region r of ``image_locals``)."""
     if split.split.boxes is None:
         raise InputError(f"{split.features}: split '{split.split_name}' has no {split.split_name}_boxes.npy "
                          f"(region boxes are needed to draw or crop regions)")
-    return np.asarray(split.split.boxes)
+    boxes = np.asarray(split.split.boxes)
+    if split.model.image_tail is None:
+        return boxes
+    return np.stack([split.model.region_boxes(b) for b in boxes])  # aligned with the encoder's regions
 
 
 def new_figure(*args, **kwargs):

@@ -108,7 +108,8 @@ def init_codebook_from_regions(model, store: RegionStore, seed: int, device: tor
     model.eval()
     for start in range(0, len(order), chunk):
         regions, mask = store.get(order[start : start + chunk], device)
-        free = model.encode_image(regions, mask).free[mask]
+        encoded = model.encode_image(regions, mask)
+        free = encoded.free[encoded.mask]  # the encoder's regions (a backbone-top run adds the whole image)
         feats.append(free.float().cpu())
         found += len(free)
         if found >= wanted:
