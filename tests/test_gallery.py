@@ -382,6 +382,11 @@ def tail_run(tiny_scenes_run, tmp_path_factory) -> Path:
     cfg = load_config(None, tiny_overrides(base / "features", base / "runs", "tail") + [
         "data.regions=tail", "model.image_dim=192", "model.image_backbone_tail=true", "train.epochs=1",
         f"data.root={root}", "data.image_size=64", "align.codebook_init=data"])
+    with pytest.raises(InputError, match="model.image_backbone_tail=true"):
+        train(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_backbone_tail=False)), progress=False)
+    with pytest.raises(InputError, match="--regions tail"):
+        train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=str(tiny_scenes_run["features"]))),
+              progress=False)
     return train(cfg, progress=False)
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from selfalign import distributed as D
 from selfalign.config import RunConfig
 from selfalign.data.batches import RegionStore, drop_regions, epoch_batches, view_masks, view_regions
-from selfalign.data.precomp import check_finite, load_split_views, mirror_split_name
+from selfalign.data.precomp import check_finite, load_split_views, mirror_split_name, read_meta
 from selfalign.data.text import TokenBatch, Vocabulary, sided_fraction
 from selfalign.errors import InputError, SelfAlignError
 from selfalign.evaluate.runner import encode_split, score_embeddings
@@ -225,6 +225,13 @@ def _load_data(cfg: RunConfig):
     """The train and dev splits, checked; and their mirrored copies where ``data.mirror_train/test`` ask (or None)."""
     train_split, train_mirror = load_split_views(cfg.data.features, cfg.data.train_split, cfg.data.mirror_train)
     dev_split, dev_mirror = load_split_views(cfg.data.features, cfg.data.dev_split, cfg.data.mirror_test)
+    stored_tail = read_meta(cfg.data.features).get("regions") == "tail"
+    if stored_tail != cfg.model.image_backbone_tail:
+        raise InputError(f"{cfg.data.features}: " + (
+            "the store holds the map entering the backbone's top (regions=tail); train it with "
+            "model.image_backbone_tail=true model.image_dim=192" if stored_tail else
+            "model.image_backbone_tail needs a store of the map entering the backbone's top: selfalign extract "
+            "... --regions tail"))
     if train_split.images.shape[-1] != cfg.model.image_dim:
         raise InputError(f"{cfg.data.features}: region features are {train_split.images.shape[-1]}-d but "
                          f"model.image_dim is {cfg.model.image_dim}")
