@@ -131,10 +131,7 @@ def require_boxes(split: RunSplit) -> np.ndarray:
     if split.split.boxes is None:
         raise InputError(f"{split.features}: split '{split.split_name}' has no {split.split_name}_boxes.npy "
                          f"(region boxes are needed to draw or crop regions)")
-    boxes = np.asarray(split.split.boxes)
-    if split.model.image_tail is None:
-        return boxes
-    return np.stack([split.model.region_boxes(b) for b in boxes])  # aligned with the encoder's regions
+    return np.stack([split.model.region_boxes(b) for b in np.asarray(split.split.boxes)])
 
 
 def new_figure(*args, **kwargs):
