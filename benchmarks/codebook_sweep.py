@@ -1,8 +1,9 @@
 """Codebook-size sweep: SelfAlign with K concepts, K in {64, 256, 1024, 4096}, several seeds.
 
     python benchmarks/codebook_sweep.py --features features/scenes --seeds 0,1,2 --epochs 12 --out runs/codebook_sweep
-    python benchmarks/codebook_sweep.py --dataset flickr8k --features features/flickr8k/grid \
+    python benchmarks/codebook_sweep.py --dataset flickr8k --features features/flickr8k/tail \
         --config src/selfalign/configs/flickr8k.yaml --seeds 0 --out runs/codebook_sweep_flickr8k
+    (a frozen-grid store: add --set data.regions=grid model.image_dim=1280 model.image_backbone_tail=false)
     selfalign analyze sweep runs/codebook_sweep/results.json --out analysis
 
 Every (K, seed) trains ``selfalign.train.train`` with ``align.codebook_size=K`` and ``train.seed=s`` on top of the
