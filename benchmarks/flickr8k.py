@@ -41,10 +41,10 @@ from selfalign.model.checkpoint import CONFIG
 
 MAIN_CONFIG = Path(__file__).resolve().parents[1] / "src" / "selfalign" / "configs" / "flickr8k.yaml"
 SPLITS = ("train", "dev", "test")
-STORE_OVERRIDES = {  # what the model needs to read each kind of store
-    "tail": ["data.regions=tail", "model.image_dim=192", "model.image_backbone_tail=true"],
-    "grid": ["data.regions=grid", "model.image_dim=1280", "model.image_backbone_tail=false"],
-    "detector": ["data.regions=detector", "model.image_dim=1280", "model.image_backbone_tail=false"],
+STORE_OVERRIDES = {  # what the model needs to read each kind of store (data.regions is the kind itself)
+    "tail": ["model.image_dim=192", "model.image_backbone_tail=true"],
+    "grid": ["model.image_dim=1280", "model.image_backbone_tail=false"],
+    "detector": ["model.image_dim=1280", "model.image_backbone_tail=false"],
 }
 NO_SELFALIGN = ["align.lca=false", "align.cra=false"]
 CONFIGS = {  # name: (store, overrides)
@@ -121,7 +121,8 @@ def run_one(name: str, seed: int, store: Path, args, extra: list[str]) -> dict:
     kind, changes = CONFIGS[name]
     overrides = [f"data.features={store}", f"data.root={args.data}", f"data.detector_path={args.detector}",
                  f"train.seed={seed}", f"name={run_dir.name}", f"out_dir={args.out}", f"train.threads={args.threads}",
-                 *(QUICK_OVERRIDES if args.quick else []), *STORE_OVERRIDES[kind], *changes, *extra, *args.overrides]
+                 *(QUICK_OVERRIDES if args.quick else []), f"data.regions={kind}", *STORE_OVERRIDES[kind], *changes, *extra,
+                 *args.overrides]
     cfg = load_config(args.config, overrides)
     if (run_dir / CONFIG).is_file():
         check_same_configuration(run_dir, cfg)
