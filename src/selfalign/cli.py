@@ -120,6 +120,16 @@ def _parse_floats(text: str, flag: str) -> list[float]:
     return values
 
 
+def _cmd_ensemble(args) -> None:
+    from selfalign.model.checkpoint import load_model, make_ensemble
+
+    path = make_ensemble(args.run_dirs, args.out, overwrite=args.overwrite)
+    model, _ = load_model(path.parent, "cpu")
+    print(f"ensemble of {len(args.run_dirs)} runs -> {path} ({model.embedding_dim}-d embeddings: "
+          f"{' + '.join(str(w) for w in model.embedding_parts)}); use the folder as a RUN_DIR with evaluate, "
+          f"index and serve")
+
+
 def _cmd_demo(args) -> None:
     from selfalign.demo import run_demo
 
@@ -199,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="the feature store holding both splits (default: the run's)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_querybank)
+
+    p = sub.add_parser("ensemble", help="several runs as one model (concatenated embeddings: the mean of their "
+                                        "similarities in one inner product), usable as a RUN_DIR by evaluate, "
+                                        "index and serve")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more runs that read the same inputs")
+    p.add_argument("--out", required=True, help="the ensemble's folder (holds ensemble.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace the ensemble already in --out")
+    p.set_defaults(func=_cmd_ensemble)
 
     for register in _extensions():
         register(sub)

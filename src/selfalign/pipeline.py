@@ -98,9 +98,14 @@ def build_querybank(run_dir: str | Path, split: str = "train", dev_split: str = 
     from selfalign.evaluate.runner import average_views, encode_captions, encode_images, encode_split
     from selfalign.model.checkpoint import load_model, model_hash
 
+    from selfalign.model.ensemble import is_ensemble
+
     run_dir = Path(run_dir)
     if split == dev_split:
         raise InputError(f"the query bank's split and the split that chooses beta are both '{split}'; use two")
+    if is_ensemble(run_dir):
+        raise InputError(f"{run_dir} is an ensemble: it uses its members' banks; build one for each member with "
+                         f"`selfalign querybank MEMBER`")
     model, cfg = load_model(run_dir, resolve_device(device))
     if cfg.model.similarity != "dot":
         raise InputError(f"{run_dir / 'config.json'}: model.similarity={cfg.model.similarity} scores pairs by "
@@ -134,7 +139,7 @@ def _checked_querybank(run_dir: Path, split: str, features: str | Path | None):
     from selfalign.model.checkpoint import model_hash
 
     bank = QueryBank.load(run_dir, model_hash(run_dir))
-    if bank.info.get("split") == split and features is None:
+    if split in bank.splits and features is None:
         raise InputError(f"{run_dir}: its query bank was drawn from the '{split}' split itself; score another split "
                          f"or build the bank from the training split")
     return bank

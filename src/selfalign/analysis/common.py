@@ -63,7 +63,11 @@ def load_run_split(run_dir: str | Path, split: str = "test", device: str = "cpu"
     from selfalign.model.checkpoint import load_model
     from selfalign.train.trainer import resolve_device
 
+    from selfalign.model.ensemble import is_ensemble
+
     run_dir = Path(run_dir)
+    if is_ensemble(run_dir):
+        raise InputError(f"{run_dir} is an ensemble; the analyses read one model's alignment: pass a member run")
     model, cfg = load_model(run_dir, resolve_device(device))
     if features or root:
         data = dataclasses.replace(cfg.data, features=features or cfg.data.features, root=root or cfg.data.root)

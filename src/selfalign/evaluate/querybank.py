@@ -16,11 +16,14 @@ ranks and a caption's only image->text ranks, and a direction whose dev recall n
 (on data where every query resembles every item, the discount removes signal, not hubs).
 
 A run's bank is ``RUN_DIR/querybank.safetensors``: ``captions [Bt, E]``, ``images [Bi, E]`` and, as metadata, the two
-βs, the hash of the model it was built with and the dev table that chose them.
+βs, the hash of the model it was built with and the dev table that chose them. An ensemble
+(:mod:`selfalign.model.ensemble`) has no bank of its own: :class:`EnsembleBank` discounts each member's slice of a
+vector with that member's bank and averages the discounts, as the ensemble averages the members' scores.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,8 @@ from safetensors.torch import save_file
 from selfalign import atomic
 from selfalign.errors import InputError
 from selfalign.evaluate.metrics import protocol_metrics
-from selfalign.model.checkpoint import file_digest
+from selfalign.model.checkpoint import file_digest, model_hash as run_model_hash
+from selfalign.model.ensemble import is_ensemble, read_members, split_parts
 
 BANK_FILE = "querybank.safetensors"
 DEFAULT_BETAS = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0, 50.0)
@@ -103,9 +107,17 @@ class QueryBank:
                                                    "info": json.dumps(self.info)})
         return path
 
+    @property
+    def splits(self) -> set[str]:
+        """The split(s) the bank's queries were drawn from."""
+        return {self.info["split"]} if self.info.get("split") else set()
+
     @classmethod
-    def load(cls, run_dir: str | Path, model_hash: str | None = None) -> "QueryBank":
-        """Read a run's bank; ``model_hash``: refuse a bank built with another model (the run was retrained)."""
+    def load(cls, run_dir: str | Path, model_hash: str | None = None) -> "QueryBank | EnsembleBank":
+        """Read a run's bank; ``model_hash``: refuse a bank built with another model (the run was retrained). For
+        an ensemble folder, its members' banks (each checked against its member's model) as an EnsembleBank."""
+        if is_ensemble(run_dir):
+            return EnsembleBank.load(run_dir)
         path = Path(run_dir) / BANK_FILE
         if not path.is_file():
             raise InputError(f"{run_dir} has no query bank ({BANK_FILE}); build one with `selfalign querybank "
@@ -128,6 +140,9 @@ class QueryBank:
 
     @staticmethod
     def exists(run_dir: str | Path) -> bool:
+        """Whether the run has a bank (an ensemble: whether every member has one)."""
+        if is_ensemble(run_dir):
+            return all((Path(m["run_dir"]) / BANK_FILE).is_file() for m in read_members(run_dir))
         return (Path(run_dir) / BANK_FILE).is_file()
 
     @staticmethod
@@ -141,8 +156,78 @@ class QueryBank:
 
     @staticmethod
     def file_hash(run_dir: str | Path) -> str:
-        """sha256 of a run's bank file: a gallery records it, so that images added later get the same discount."""
+        """sha256 of a run's bank file (an ensemble: of its members' files, in order): a gallery records it, so that
+        images added later get the same discount."""
+        if is_ensemble(run_dir):
+            digest = hashlib.sha256()
+            for member in read_members(run_dir):
+                digest.update(file_digest(Path(member["run_dir"]) / BANK_FILE).hexdigest().encode())
+            return digest.hexdigest()
         return file_digest(Path(run_dir) / BANK_FILE).hexdigest()
+
+
+@dataclass(frozen=True)
+class EnsembleBank:
+    """An ensemble's members' banks, used as one: an item's discount is the mean of each member's discount of its
+    own slice of the item's vector (the ensemble's score is the mean of the members' scores). A direction is
+    discounted when any member discounts it; a member that does not contributes zero there."""
+
+    banks: tuple[QueryBank, ...]
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        return tuple(int(b.captions.shape[1]) for b in self.banks)
+
+    @property
+    def beta_images(self) -> list[float | None] | None:
+        betas = [b.beta_images for b in self.banks]
+        return None if all(b is None for b in betas) else betas
+
+    @property
+    def beta_captions(self) -> list[float | None] | None:
+        betas = [b.beta_captions for b in self.banks]
+        return None if all(b is None for b in betas) else betas
+
+    @property
+    def splits(self) -> set[str]:
+        return set().union(*(b.splits for b in self.banks))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"members": [b.info for b in self.banks]}
+
+    def _mean(self, vectors: torch.Tensor, side: str) -> torch.Tensor:
+        pieces = split_parts(vectors, self.parts)
+        return sum(getattr(b, side)(p) for b, p in zip(self.banks, pieces)) / len(self.banks)
+
+    def image_discount(self, images: torch.Tensor) -> torch.Tensor:
+        """Ensemble image vectors ``[N, sum E_m]`` -> ``[N]``."""
+        return self._mean(images, "image_discount")
+
+    def caption_discount(self, captions: torch.Tensor) -> torch.Tensor:
+        """Ensemble caption vectors ``[M, sum E_m]`` -> ``[M]``."""
+        return self._mean(captions, "caption_discount")
+
+    def normalise(self, sims: torch.Tensor, images: torch.Tensor,
+                  captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`QueryBank.normalise`, for an ensemble's vectors."""
+        return normalised_sims(sims, self.image_discount(images), self.caption_discount(captions))
+
+    def describe(self) -> dict[str, Any]:
+        """The members' βs and bank sizes as lists, in member order (a β entry None: that member does not
+        discount that direction; the whole field None: no member does)."""
+        return {"beta_images": self.beta_images, "beta_captions": self.beta_captions,
+                "captions": [int(b.captions.shape[0]) for b in self.banks],
+                "images": [int(b.images.shape[0]) for b in self.banks],
+                "split": sorted(self.splits), "runs": [b.describe() for b in self.banks]}
+
+    @classmethod
+    def load(cls, ens_dir: str | Path) -> "EnsembleBank":
+        """Every member's bank, checked against that member's model (InputError naming a member without one)."""
+        banks = []
+        for member in read_members(ens_dir):
+            banks.append(QueryBank.load(member["run_dir"], run_model_hash(member["run_dir"])))
+        return cls(tuple(banks))
 
 
 def normalised_sims(sims: torch.Tensor, image_discount: torch.Tensor,

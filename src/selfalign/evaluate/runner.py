@@ -85,9 +85,14 @@ def encode_captions(model: RetrievalModel, captions: list[str], batch_size: int 
     return _encode_captions(model, captions, batch_size, False)[0]
 
 
-def average_views(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def average_views(a: torch.Tensor, b: torch.Tensor, parts: tuple[int, ...] | None = None) -> torch.Tensor:
     """Two embeddings of the same images ``[N, E]`` (an image and its mirrored copy) -> ``[N, E]``: the direction
-    of their mean at the mean of their lengths, so a unit embedding stays a unit embedding."""
+    of their mean at the mean of their lengths, so a unit embedding stays a unit embedding. ``parts``: the widths
+    of separately averaged slices (``model.embedding_parts``; an ensemble's members), so that an ensemble averages
+    each member's views as that member alone would."""
+    if parts is not None and len(parts) > 1:
+        return torch.cat([average_views(x, y) for x, y in zip(a.split(list(parts), -1), b.split(list(parts), -1))],
+                         dim=-1)
     mean = (a + b) / 2
     length = (a.norm(dim=-1, keepdim=True) + b.norm(dim=-1, keepdim=True)) / 2
     return mean * (length / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
@@ -113,7 +118,7 @@ def encode_split(model: RetrievalModel, split, max_images: int = 0, batch_size: 
     images, img_locals = _encode_images(model, store, batch_size, scan)
     if mirror is not None:
         flipped = RegionStore(mirror.images[:n], mirror.region_mask()[:n])
-        images = average_views(images, _encode_images(model, flipped, batch_size, False)[0])
+        images = average_views(images, _encode_images(model, flipped, batch_size, False)[0], model.embedding_parts)
     captions, cap_locals = _encode_captions(model, list(split.captions[: 5 * n]), batch_size, scan)
     locals_ = None
     if scan:

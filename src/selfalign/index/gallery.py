@@ -188,7 +188,8 @@ class Gallery:
         vector = self.encode_regions(feats, n_regions)
         if self.plan.mirror:
             feats, n_regions, _ = self.extractor().extract([pil], mirrored=True)
-            vector = average_views(torch.from_numpy(vector), torch.from_numpy(self.encode_regions(feats, n_regions)))
+            vector = average_views(torch.from_numpy(vector), torch.from_numpy(self.encode_regions(feats, n_regions)),
+                                   self.model.embedding_parts)
             vector = vector.numpy()
         return vector
 

@@ -128,7 +128,7 @@ def _encode_new(model: Any, regions_path: Path, start: int, counts: np.ndarray, 
     if new.mirror_blocks is None:
         return embeddings
     mirrored = _encode_blocks(model, new.mirror_blocks())
-    return average_views(torch.from_numpy(embeddings), torch.from_numpy(mirrored)).numpy()
+    return average_views(torch.from_numpy(embeddings), torch.from_numpy(mirrored), model.embedding_parts).numpy()
 
 
 def _gallery_querybank(run_dir: Path, out: Path, requested: bool | None,
@@ -199,7 +199,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
     import torch
 
     from selfalign.evaluate.runner import encode_captions
-    from selfalign.model.checkpoint import load_model, read_run_config
+    from selfalign.model.checkpoint import embedding_config, load_model
     from selfalign.train.trainer import resolve_device
 
     started = time.perf_counter()
@@ -212,7 +212,7 @@ def build_gallery(run_dir: str | os.PathLike, out: str | os.PathLike, images: st
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
-    cfg = read_run_config(run_dir)
+    cfg = embedding_config(run_dir)
     if cfg.model.similarity != "dot":  # a SCAN run's pairs need cross-attention: no embedding to index
         raise InputError(f"{run_dir / 'config.json'}: model.similarity={cfg.model.similarity} scores each pair by "
                          f"cross-attention, which a vector index cannot search; index a dual-encoder run")

@@ -1,6 +1,7 @@
 """Model files: ``model.safetensors`` (weights) + ``config.json`` (resolved run config) + ``vocab.json``.
 
-Loading is strict: a key that is missing or unexpected is an error, never silently ignored.
+Loading is strict: a key that is missing or unexpected is an error, never silently ignored. A folder with an
+``ensemble.json`` (:mod:`selfalign.model.ensemble`) loads as one model made of its member runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from selfalign import atomic
 from selfalign.config import RunConfig, config_from_dict, config_to_dict
 from selfalign.data.text import Vocabulary
 from selfalign.errors import InputError, SelfAlignError
+from selfalign.model.ensemble import ENSEMBLE, EnsembleModel, check_members, is_ensemble, read_members, write_ensemble
 from selfalign.model.model import RetrievalModel
 
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
@@ -49,8 +51,13 @@ def file_digest(path: str | Path, digest=None):
 
 def model_hash(run_dir: str | Path) -> str:
     """sha256 over the run's config, vocabulary and weights: what was derived from a model (a gallery, a query bank)
-    is only valid for that model."""
+    is only valid for that model. An ensemble's: over its ``ensemble.json`` and its members' hashes now."""
     digest = hashlib.sha256()
+    if is_ensemble(run_dir):
+        file_digest(Path(run_dir) / ENSEMBLE, digest)
+        for member in read_members(run_dir):
+            digest.update(model_hash(member["run_dir"]).encode())
+        return digest.hexdigest()
     for name in (CONFIG, VOCAB, WEIGHTS):
         path = Path(run_dir) / name
         if path.is_file():
@@ -62,6 +69,8 @@ def model_hash(run_dir: str | Path) -> str:
 def read_run_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
     path = run_dir / CONFIG
+    if is_ensemble(run_dir):
+        raise InputError(f"{run_dir} is an ensemble of runs ({ENSEMBLE}), not a training run")
     if not run_dir.is_dir() or not path.is_file():
         raise InputError(f"{run_dir} is not a run directory (no {CONFIG})")
     try:
@@ -71,10 +80,50 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     return config_from_dict(values)
 
 
+def _ensemble_members(ens_dir: Path) -> tuple[list[Path], list[RunConfig]]:
+    """An ensemble's member runs and configs, refused when a member was retrained since the ensemble was made."""
+    runs, configs = [], []
+    for member in read_members(ens_dir):
+        run = Path(member["run_dir"])
+        if model_hash(run) != member["model_hash"]:
+            raise InputError(f"{ens_dir / ENSEMBLE}: member {run} is not the model the ensemble was made with "
+                             f"(retrained?); make it again with `selfalign ensemble ... --overwrite`")
+        runs.append(run)
+        configs.append(read_run_config(run))
+    check_members(runs, configs)
+    return runs, configs
+
+
+def embedding_config(run_dir: str | Path) -> RunConfig:
+    """The config that decides how a run (or an ensemble) embeds its inputs: the run's own, or the first member's
+    (an ensemble's members agree on their inputs: ``ensemble.SHARED_KEYS``)."""
+    if is_ensemble(run_dir):
+        return _ensemble_members(Path(run_dir))[1][0]
+    return read_run_config(run_dir)
+
+
+def make_ensemble(run_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -> Path:
+    """Check ``run_dirs`` can form an ensemble and write ``OUT/ensemble.json``; returns its path."""
+    runs = [Path(r).resolve() for r in run_dirs]
+    for run in runs:
+        if not run.is_dir():
+            raise InputError(f"{run}: no such run folder")
+    check_members(runs, [read_run_config(run) for run in runs])
+    for run in runs:
+        if not (run / WEIGHTS).is_file():
+            raise InputError(f"{run} has no {WEIGHTS} (was training interrupted before the first checkpoint?)")
+    return write_ensemble(out, [(run, model_hash(run)) for run in runs], overwrite)
+
+
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
                weights: str = WEIGHTS) -> tuple[RetrievalModel, RunConfig]:
-    """Rebuild the model of a run directory and load its weights strictly."""
+    """Rebuild the model of a run directory and load its weights strictly; for an ensemble folder an
+    :class:`EnsembleModel` of its members (each with ``weights``) and the first member's config."""
     run_dir = Path(run_dir)
+    if is_ensemble(run_dir):
+        runs, configs = _ensemble_members(run_dir)
+        members = [load_model(run, device, weights)[0] for run in runs]
+        return EnsembleModel(members).eval(), configs[0]  # type: ignore[return-value]
     cfg = read_run_config(run_dir)
     vocab = Vocabulary.load(run_dir / VOCAB) if cfg.model.text_encoder == "bigru" else None
     weights_path = run_dir / weights

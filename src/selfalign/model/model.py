@@ -183,6 +183,11 @@ class RetrievalModel(nn.Module):
         d = self.model_cfg.embed_dim
         return 3 * d if self.align is not None and self.align_cfg.cra else d
 
+    @property
+    def embedding_parts(self) -> tuple[int, ...]:
+        """The embedding's independently normalised parts (one here; an ensemble has one per member)."""
+        return (self.embedding_dim,)
+
 
 def _gather_locals(locals_: torch.Tensor, mask: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
