@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("index", help="embed images with a trained run and build a searchable gallery",
                               description="Index a folder of images, or a prepared dataset split with its captions "
                                           "(--dataset scenes --root data/scenes --split test).")
-    p.add_argument("run_dir", help="a trained run directory")
+    p.add_argument("run_dir", help="a trained run directory, or an ensemble folder (`selfalign ensemble`)")
     p.add_argument("images", nargs="?", help="a folder of images (omit with --dataset)")
     p.add_argument("--out", required=True, help="the gallery folder (INDEX_DIR)")
     p.add_argument("--add", action="store_true", help="add images to the existing gallery at --out")
