@@ -21,6 +21,12 @@ captions and images, each direction's beta chosen on dev; ``eval_querybank.json`
 ``selfalign+querybank`` and so on; ``--no-querybank`` leaves that out. A finished run whose model or alignment
 settings differ from what its name now stands for (an older ``--out`` folder) stops the script with the differing
 keys, rather than being reported under the new meaning.
+
+With two or more seeds, the seeds of each of the main pair (``selfalign``, ``base``) also form one model
+(``selfalign ensemble``, in ``OUT/{name}-ensemble``: the members' embeddings concatenated, so a gallery searches it
+with one inner product) scored plain and with the members' query banks (``scored.json``, done once per set of
+members). Its members are every seed of ``--seeds``, fixed before anything is scored; it costs one encoder per
+member at query time.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base", "grid", "grid-base"), "+querybank"
 PAIRS = {"selfalign_gain": ("selfalign", "base"), "grid_gain": ("grid", "grid-base")}  # SelfAlign vs its base
 COMPARED = ("model", "align")  # the sections that tell the configurations apart
+ENSEMBLE_CONFIGS = ("selfalign", "base")  # each one's seeds as one model
 
 
 def now() -> str:
@@ -174,6 +181,35 @@ def score_with_querybank(run_dir: Path, device: str) -> dict | None:
     return metrics
 
 
+def score_ensemble(name: str, seeds: list[int], out: Path, querybank: bool, device: str) -> dict | None:
+    """``name``'s finished seeds ``seeds`` as one model (``OUT/{name}-ensemble``), scored on the test split plain and,
+    when every member has a query bank, with the members' banks: ``{"members", "plain", "querybank"?, ...}``, kept in
+    ``scored.json`` until the members change. None with fewer than two finished seeds."""
+    from selfalign.evaluate.querybank import QueryBank
+    from selfalign.model.checkpoint import make_ensemble, model_hash
+    from selfalign.pipeline import evaluate_run
+
+    runs = [out / f"{name}-seed{seed}" for seed in seeds]
+    if len(runs) < 2 or not all((run / "eval.json").is_file() for run in runs):
+        return None
+    folder = out / f"{name}-ensemble"
+    make_ensemble(runs, folder, overwrite=True)
+    digest, cache = model_hash(folder), folder / "scored.json"
+    banked = querybank and QueryBank.exists(folder)
+    if cache.is_file():
+        done = json.loads(cache.read_text())
+        if done.get("model_hash") == digest and ("querybank" in done or not banked):
+            return done
+    started = time.perf_counter()
+    scored = {"members": [run.name for run in runs], "model_hash": digest,
+              "plain": evaluate_run(folder, "test", device=device)}
+    if banked:
+        scored["querybank"] = evaluate_run(folder, "test", device=device, querybank=True)
+    scored.update(seconds=round(time.perf_counter() - started, 1), finished=now())
+    atomic.write_json(cache, scored)
+    return scored
+
+
 def collect(out: Path) -> dict:
     """Every finished run under ``out``: {config: {seed: metrics}}, query-bank scores as ``config+querybank``."""
     results: dict = {}
@@ -204,7 +240,7 @@ def summarise(results: dict) -> dict:
     return summary
 
 
-def markdown(results: dict, summary: dict, command: str) -> str:
+def markdown(results: dict, summary: dict, command: str, ensembles: dict | None = None) -> str:
     head = "| {} | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | {} |\n|---|---|---|---|---|---|---|---|---|\n"
     lines = [f"Command: `{command}`  \nHost: {platform.machine()}, {platform.processor() or 'cpu'}; {now()}\n",
              "Per run:\n", head.format("config / seed", "train s (eval s)").rstrip("\n")]
@@ -229,7 +265,20 @@ def markdown(results: dict, summary: dict, command: str) -> str:
             if gain and gain["mean"] is not None:
                 per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in gain["per_seed"].items())
                 lines.append(f"\n{with_it} − {without} rsum{label}: mean {gain['mean']:+.1f} ({per})")
+    if ensembles:
+        lines += ["", "Each configuration's seeds as one model (`selfalign ensemble`; one encoder per member at query "
+                  "time):\n", head.format("ensemble", "scored in s").rstrip("\n")]
+        for name, scored in ensembles.items():
+            for key, label in (("plain", ""), ("querybank", ", each member with its bank")):
+                if key in scored:
+                    cells = " | ".join(f"{scored[key][k]:.1f}" for k in METRICS)
+                    lines.append(f"| {name}: {', '.join(scored['members'])}{label} | {cells} | "
+                                 f"{scored['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def seed_list(text: str) -> list[int]:
+    return [int(s) for s in text.split(",")]
 
 
 def plan(args) -> list[tuple[str, int]]:
@@ -238,8 +287,7 @@ def plan(args) -> list[tuple[str, int]]:
     unknown = sorted(set(wanted) - set(CONFIGS))
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown} (known: {', '.join(CONFIGS)})")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")]
+    seeds, ablation_seeds = seed_list(args.seeds), seed_list(args.ablation_seeds)
     order = [(n, s) for s in seeds for n in ("selfalign", "base") if n in wanted]
     order += [(n, s) for s in ablation_seeds for n in ("grid", "grid-base") if n in wanted]
     order += [(n, s) for n in ("bigru", "detector") if n in wanted for s in ablation_seeds]
@@ -307,14 +355,24 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name:10s} seed {seed}: rsum {banked['rsum']:.1f} with its query bank (beta "
                       f"{bank['beta_images']} for images, {bank['beta_captions']} for captions, "
                       f"{banked['querybank_seconds']:.0f}s)", flush=True)
+    seeds = seed_list(args.seeds)
+    ensembles = {}
+    for name in ENSEMBLE_CONFIGS:
+        if any(n == name for n, _ in order) and (scored := score_ensemble(name, seeds, args.out, args.querybank,
+                                                                          "auto")) is not None:
+            ensembles[name] = scored
+            print(f"{name:10s} seeds {args.seeds} as one model: rsum {scored['plain']['rsum']:.1f}"
+                  + (f", {scored['querybank']['rsum']:.1f} with the members' banks" if "querybank" in scored
+                     else ""), flush=True)
     results = collect(args.out)
     summary = summarise(results)
     extraction = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("extract_*.json"))}
-    report = {"command": command, "date": now(), "summary": summary, "runs": results, "extraction": extraction,
-              "not_run": skipped, "quick": args.quick}
+    report = {"command": command, "date": now(), "summary": summary, "runs": results, "ensembles": ensembles,
+              "extraction": extraction, "not_run": skipped, "quick": args.quick}
     atomic.write_json(args.out / "results.json", report)
-    atomic.write_text(args.out / "results.md", markdown(results, summary, command))
-    print(markdown(results, summary, command))
+    text = markdown(results, summary, command, ensembles)
+    atomic.write_text(args.out / "results.md", text)
+    print(text)
     return report
 
 

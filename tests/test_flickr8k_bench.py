@@ -188,3 +188,29 @@ def test_a_finished_run_of_another_configuration_is_not_reported_under_its_new_n
     same = load_config(bench.MAIN_CONFIG, [f"data.features={tmp_path / 'tail'}"])
     save_run_files(run_dir, same, None)
     assert bench.run_one("selfalign", 0, tmp_path / "tail", args, [])["rsum"] == 300.0
+
+
+def test_the_main_pairs_seeds_are_scored_as_one_model(feature_store, tmp_path):
+    from conftest import tiny_overrides
+    from selfalign.pipeline import build_querybank, evaluate_ensemble, evaluate_run
+    from selfalign.train import train
+
+    bench = _load_bench()
+    runs = [train(load_config(None, tiny_overrides(feature_store, tmp_path, f"selfalign-seed{seed}")
+                              + [f"train.seed={seed}"]), progress=False) for seed in (0, 1)]
+    assert bench.score_ensemble("selfalign", [0, 1], tmp_path, True, "cpu") is None  # no eval.json yet
+    for run in runs:
+        evaluate_run(run, "test", device="cpu")
+    scored = bench.score_ensemble("selfalign", [0, 1], tmp_path, True, "cpu")
+    assert scored["members"] == ["selfalign-seed0", "selfalign-seed1"] and "querybank" not in scored
+    assert scored["plain"]["rsum"] == pytest.approx(evaluate_ensemble(runs, "test", device="cpu")["rsum"])
+    stamp = (tmp_path / "selfalign-ensemble" / "scored.json").stat().st_mtime_ns
+    assert bench.score_ensemble("selfalign", [0, 1], tmp_path, True, "cpu") == scored  # read back, not rescored
+    assert (tmp_path / "selfalign-ensemble" / "scored.json").stat().st_mtime_ns == stamp
+    for run in runs:
+        build_querybank(run, betas=(5.0,), device="cpu", max_captions=60)
+    banked = bench.score_ensemble("selfalign", [0, 1], tmp_path, True, "cpu")  # the banks are new: scored again
+    expected = evaluate_ensemble(runs, "test", device="cpu", querybank=True)
+    assert banked["querybank"]["rsum"] == pytest.approx(expected["rsum"])
+    text = bench.markdown({}, {}, "cmd", {"selfalign": banked})
+    assert "selfalign: selfalign-seed0, selfalign-seed1, each member with its bank" in text
