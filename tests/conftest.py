@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,19 @@ import pytest
 
 from selfalign.data.precomp import write_feature_split
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 COLOURS = ["red", "blue", "green", "yellow"]
 SHAPES = ["circle", "square", "star", "ring"]
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/{name}.py`` (the scripts are no package) as module ``{name}``, registered in
+    ``sys.modules`` so that the dataclasses and pickles inside it resolve."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_feature_store(root: Path, n_train: int = 64, n_dev: int = 16, n_test: int = 16, dim: int = 32,

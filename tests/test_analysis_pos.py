@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import load_benchmark, tiny_overrides
 from selfalign.analysis.pos import PosTagger, coverage, pos_word_weights
 from selfalign.errors import ConfigError
 
@@ -102,10 +100,7 @@ def test_coverage(tagger):
 
 
 def test_pos_ablation_smoke(feature_store, tmp_path):
-    spec = importlib.util.spec_from_file_location("pos_ablation", Path(__file__).resolve().parents[1] / "benchmarks"
-                                                  / "pos_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("pos_ablation")
     tiny = [o for o in tiny_overrides(feature_store, tmp_path)
             if not o.startswith(("train.epochs", "name=", "out_dir"))]
     out = tmp_path / "pos"

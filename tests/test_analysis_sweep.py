@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import load_benchmark, tiny_overrides
 from selfalign.analysis.sweep import markdown_table, summarise
 from selfalign.cli import main
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_set(feature_store: Path, tmp_path: Path) -> list[str]:
@@ -29,7 +19,7 @@ def _tiny_set(feature_store: Path, tmp_path: Path) -> list[str]:
 
 
 def test_sweep_trains_evaluates_resumes_and_plots(feature_store, tmp_path, monkeypatch, capsys):
-    sweep = _load("codebook_sweep")
+    sweep = load_benchmark("codebook_sweep")
     out = tmp_path / "sweep"
     argv = ["--features", str(feature_store), "--ks", "8,32", "--seeds", "0,1", "--epochs", "1", "--out", str(out),
             "--device", "cpu", "--dataset", "tiny", *_tiny_set(feature_store, tmp_path)]

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_benchmark
 from selfalign.config import load_config
 from selfalign.errors import SelfAlignError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FLICKR8K = SHARED / "data" / "flickr8k"
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "flickr8k.py"
 CAPTIONS = ["a dog runs across the grass", "two men play football in a park near a river", "a girl in a red hat",
             "a dog jumps", "people walk down a busy street at night", "a boy on a bike"]
 
@@ -113,11 +111,7 @@ def test_glove_rows_load_for_known_words():
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("flickr8k_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["flickr8k_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("flickr8k")
 
 
 def test_benchmark_quick_runs_end_to_end_and_resumes(tmp_path):

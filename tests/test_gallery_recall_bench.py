@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gallery_recall.py"
-
+from conftest import load_benchmark
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("gallery_recall", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gallery_recall")
 
 
 def test_text_recall_through_the_gallery_is_the_protocols(tiny_gallery, tiny_scenes_run):

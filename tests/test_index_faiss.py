@@ -278,12 +278,9 @@ def test_ivfpq_coarse_quantiser_ignores_other_modality() -> None:
 
 def test_benchmark_script_smoke(tmp_path: Path) -> None:
     """benchmarks/index_scale.py runs end to end on a tiny gallery and writes its JSON table."""
-    import importlib.util
+    from conftest import load_benchmark
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "index_scale.py"
-    spec = importlib.util.spec_from_file_location("index_scale", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("index_scale")
     out = tmp_path / "r.json"
     module.main(["--sizes", "2000", "--dim", "32", "--queries", "20", "--ef-search", "64", "--nprobe", "16",
                  "--k-factor", "10", "--threads", "1", "--latent-dim", "8", "--clusters", "20", "--out", str(out),
