@@ -166,3 +166,32 @@ def test_bad_shapes_raise_named_errors() -> None:
         cra_loss(query[:3], keys, mask)
     with pytest.raises(InputError, match="temperature"):
         cra_loss(query, keys, mask, 0.0)
+
+
+def reference_pooled(query, keys, mask, temperature, num_negatives):
+    """The pooled variant written out: one term per pair, its positives summed in the numerator."""
+    terms = []
+    batch, length, _ = keys.shape
+    for b in range(batch):
+        negatives = sorted(
+            (float(query[b] @ keys[c, j]) / temperature for c in range(batch) if c != b for j in range(length) if mask[c, j]),
+            reverse=True,
+        )[:num_negatives]
+        pos = sum(math.exp(float(query[b] @ keys[b, i]) / temperature) for i in range(length) if mask[b, i])
+        if pos:
+            terms.append(-math.log(pos / (pos + sum(math.exp(n) for n in negatives))))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("num_negatives", [0, 3, 40])
+def test_pooled_positives_match_loop_reference(num_negatives: int) -> None:
+    query, keys, mask = make(num_negatives + 5)
+    mask[2] = False  # a pair without valid locals contributes nothing
+    query.requires_grad_(True)
+    got = cra_loss(query, keys, mask, 0.2, num_negatives, positives="pooled")
+    want = reference_pooled(query.detach(), keys, mask, 0.2, num_negatives)
+    assert abs(float(got.detach()) - want) < 1e-5 * max(1.0, want)
+    got.backward()
+    assert torch.isfinite(query.grad).all()
+    with pytest.raises(InputError, match="'each' or 'pooled'"):
+        cra_loss(query, keys, mask, 0.2, num_negatives, positives="all")

@@ -100,6 +100,10 @@ class AlignConfig:
     codebook_init: Literal["random", "data"] = "random"
     cra_temperature: float = 0.7
     cra_negatives: int = 512
+    # each: every local of the pair is its own positive against the shared hard negatives (the official code);
+    # pooled: the pair's locals share one numerator (multi-positive NCE), so words every caption has ("a", "the")
+    # need not each beat their copies in other captions.
+    cra_positives: Literal["each", "pooled"] = "each"
     lca_weight: float = 1.0
     cra_weight: float = 1.0
 

@@ -73,13 +73,16 @@ def cra_loss(
     keys_mask: torch.Tensor,
     temperature: float = 0.7,
     num_negatives: int = 512,
+    positives: str = "each",
 ) -> torch.Tensor:
     """Multi-positive NCE of globals ``query [B, d]`` against the other modality's locals ``keys [B, L, d]``.
 
-    For each pair b and each valid local i of pair b (one positive at a time):
-    ``-log( e^{s_bbi} / (e^{s_bbi} + sum_{(c,j) in N(b)} e^{s_bcj}) )`` with ``s = q.k / T``, where ``N(b)`` are the
-    ``num_negatives`` highest-scoring valid locals of the OTHER pairs (all of them if fewer exist), shared by all
-    positives of ``b``. Returns the mean over all valid (b, i); pairs with no valid local contribute nothing.
+    ``positives="each"`` (the official code), for each pair b and each valid local i of pair b (one positive at a
+    time): ``-log( e^{s_bbi} / (e^{s_bbi} + sum_{(c,j) in N(b)} e^{s_bcj}) )`` with ``s = q.k / T``, where ``N(b)``
+    are the ``num_negatives`` highest-scoring valid locals of the OTHER pairs (all of them if fewer exist), shared
+    by all positives of ``b``; the mean over all valid (b, i). ``positives="pooled"``: one term per pair,
+    ``-log( sum_i e^{s_bbi} / (sum_i e^{s_bbi} + sum_{N(b)} e^{s_bcj}) )``, the mean over pairs. Pairs with no valid
+    local contribute nothing.
     """
     if query.dim() != 2:
         raise InputError(f"query: expected shape [B, d], got {tuple(query.shape)}")
@@ -89,6 +92,8 @@ def cra_loss(
         raise InputError(f"cra temperature must be > 0, got {temperature}")
     if num_negatives < 0:
         raise InputError(f"cra num_negatives must be >= 0, got {num_negatives}")
+    if positives not in ("each", "pooled"):
+        raise InputError(f"cra positives must be 'each' or 'pooled', got {positives!r}")
     batch = keys.shape[0]
     keys_mask = keys_mask.bool()
     if not bool(keys_mask.any()):
@@ -99,7 +104,7 @@ def cra_loss(
     with torch.autocast(device_type=query.device.type, enabled=False):
         valid = valid.float()
         scores = (query.float() / temperature) @ valid.t()  # [B, N]
-        positives = scores.gather(0, pair_of.unsqueeze(0)).squeeze(0)  # [N]: s[pair, own local]
+        own_scores = scores.gather(0, pair_of.unsqueeze(0)).squeeze(0)  # [N]: s[pair, own local]
         k = min(num_negatives, pair_of.numel())
         if k > 0:
             is_negative = pair_of.unsqueeze(0) != torch.arange(batch, device=scores.device).unsqueeze(1)  # [B, N]
@@ -115,7 +120,13 @@ def cra_loss(
             lse = torch.logsumexp(torch.where(has_neg.unsqueeze(1), neg, torch.zeros_like(neg)), dim=1)
             lse = torch.where(has_neg, lse, torch.full_like(lse, float("-inf")))
         else:
-            lse = positives.new_full((batch,), float("-inf"))
+            lse = own_scores.new_full((batch,), float("-inf"))
         # -log(e^p / (e^p + e^lse)) = softplus(lse - p); equals 0 when there are no negatives.
-        return F.softplus(lse.index_select(0, pair_of) - positives).mean()
+        if positives == "each":
+            return F.softplus(lse.index_select(0, pair_of) - own_scores).mean()
+        own = torch.full_like(scores, float("-inf"))  # [B, N]: each pair's own positives, -inf elsewhere
+        own[pair_of, torch.arange(pair_of.numel(), device=scores.device)] = own_scores
+        has_local = torch.zeros(batch, dtype=torch.bool, device=scores.device).index_fill_(0, pair_of, True)
+        pooled = torch.logsumexp(own[has_local], dim=1)
+        return F.softplus(lse[has_local] - pooled).mean()
 

@@ -115,11 +115,11 @@ class SelfAlign(nn.Module):
                 raise InputError("losses_from: CRA is enabled, so img_ctx and txt_ctx must be ContextOutputs")
             t2v = cra_loss(
                 F.normalize(txt_ctx.enhanced, dim=-1), img_ctx.locals, img_ctx.mask,
-                self.cfg.cra_temperature, self.cfg.cra_negatives,
+                self.cfg.cra_temperature, self.cfg.cra_negatives, self.cfg.cra_positives,
             )
             v2t = cra_loss(
                 F.normalize(img_ctx.enhanced, dim=-1), txt_ctx.locals, txt_ctx.mask,
-                self.cfg.cra_temperature, self.cfg.cra_negatives,
+                self.cfg.cra_temperature, self.cfg.cra_negatives, self.cfg.cra_positives,
             )
             out["cra"] = self.cfg.cra_weight * 0.5 * (t2v + v2t)
         return out
