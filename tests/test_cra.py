@@ -12,15 +12,19 @@ from selfalign.align.cra import cra_loss
 from selfalign.errors import InputError
 
 
+def hardest_negatives(query, keys, mask, b, temperature, num_negatives):
+    """The `num_negatives` highest scaled scores of query b against the valid locals of the other pairs."""
+    batch, length, _ = keys.shape
+    scores = (float(query[b] @ keys[c, j]) / temperature for c in range(batch) if c != b for j in range(length) if mask[c, j])
+    return sorted(scores, reverse=True)[:num_negatives]
+
+
 def reference_nce(query, keys, mask, temperature, num_negatives):
     """method.md §1.4 written out: one positive at a time, top-n negatives of the other pairs per query."""
     terms = []
     batch, length, _ = keys.shape
     for b in range(batch):
-        negatives = sorted(
-            (float(query[b] @ keys[c, j]) / temperature for c in range(batch) if c != b for j in range(length) if mask[c, j]),
-            reverse=True,
-        )[:num_negatives]
+        negatives = hardest_negatives(query, keys, mask, b, temperature, num_negatives)
         for i in range(length):
             if not mask[b, i]:
                 continue
@@ -173,10 +177,7 @@ def reference_pooled(query, keys, mask, temperature, num_negatives):
     terms = []
     batch, length, _ = keys.shape
     for b in range(batch):
-        negatives = sorted(
-            (float(query[b] @ keys[c, j]) / temperature for c in range(batch) if c != b for j in range(length) if mask[c, j]),
-            reverse=True,
-        )[:num_negatives]
+        negatives = hardest_negatives(query, keys, mask, b, temperature, num_negatives)
         pos = sum(math.exp(float(query[b] @ keys[b, i]) / temperature) for i in range(length) if mask[b, i])
         if pos:
             terms.append(-math.log(pos / (pos + sum(math.exp(n) for n in negatives))))
