@@ -190,3 +190,17 @@ def test_bad_embedding_inputs() -> None:
     cfg = dataclasses.replace(AlignConfig(), cra_negatives=-1)
     with pytest.raises(Exception, match="cra_negatives"):
         SelfAlign(DIM, cfg)
+    for name, value in (("lca_weight", -1.0), ("cra_weight", float("nan"))):
+        with pytest.raises(Exception, match=f"align.{name}"):
+            SelfAlign(DIM, dataclasses.replace(AlignConfig(), **{name: value}))
+
+
+def test_zero_cra_weight_keeps_the_context_branch_but_not_its_loss() -> None:
+    torch.manual_seed(7)
+    sa = SelfAlign(DIM, AlignConfig(codebook_size=8, cra_weight=0.0))
+    img_free, img_ctx, img_mask, txt_free, txt_ctx, txt_mask = make(7)
+    assert sa.embedding_dim == 3 * DIM
+    out = sa.losses(img_free, img_ctx, img_mask, txt_free, txt_ctx, txt_mask)
+    assert float(out["cra"].detach()) == 0.0
+    out["cra"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in sa.image_head.parameters())

@@ -14,6 +14,8 @@ then ``sa.embed_image(v, ic)``, ``sa.embed_text(t, tc)`` and ``sa.losses_from(..
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,11 @@ class SelfAlign(nn.Module):
             raise ConfigError(f"align.cra_temperature: must be > 0, got {cfg.cra_temperature}")
         if cfg.cra_negatives < 0:
             raise ConfigError(f"align.cra_negatives: must be >= 0, got {cfg.cra_negatives}")
+        for name in ("lca_weight", "cra_weight"):
+            value = getattr(cfg, name)
+            # 0 is allowed: the head still trains its context embeddings through the ranking loss, without its loss.
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"align.{name}: must be a finite number >= 0, got {value}")
         self.dim = dim
         self.cfg = cfg
         self.image_head = ContextHead(dim) if cfg.cra else None
