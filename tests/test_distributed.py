@@ -23,6 +23,7 @@ from selfalign.errors import ConfigError
 from selfalign.losses import hinge_triplet_loss
 from selfalign.model.checkpoint import build_model
 from selfalign.train import train
+from selfalign.train.distill import TeacherTargets
 from selfalign.train.trainer import prepare_model, seed_everything, step_losses
 
 BATCH = 21  # odd: the two ranks get 11 and 10 pairs
@@ -31,6 +32,7 @@ CASES = {  # name -> overrides; every case here must match one process
     "plain": ["align.lca=false", "align.cra=false"],
     "lca": ["align.lca=true", "align.cra=false"],
     "lca+cra_heads": ["align.lca=true", "align.cra=true", "align.cra_weight=0"],
+    "distill": ["align.lca=false", "align.cra=false", "train.distill_temperature=0.1"],  # a made-up teacher
 }
 E2E = EXACT + ["align.cra_weight=0", "train.max_steps_per_epoch=3", "train.checkpoint_every_steps=2",
                "train.warmup_epochs=1"]
@@ -52,8 +54,13 @@ def _step(features: Path, tmp: Path, overrides: list[str], rank: int, size: int,
     model.train()
     store = RegionStore(split.images, split.region_mask())
     batch = epoch_batches(len(split.captions), BATCH, 0, 0)[0]
+    teacher = None
+    if "train.distill_temperature=0.1" in overrides:
+        made_up = torch.Generator().manual_seed(3)
+        teacher = TeacherTargets(torch.nn.functional.normalize(torch.randn(len(split.image_ids), 8, generator=made_up)),
+                                 torch.nn.functional.normalize(torch.randn(len(split.captions), 8, generator=made_up)))
     local, parts = step_losses(model, cfg, store, model.tokenize(list(split.captions)), batch, rank, size,
-                               torch.device("cpu"), torch.Generator().manual_seed(7), hardest)
+                               torch.device("cpu"), torch.Generator().manual_seed(7), hardest, teacher=teacher)
     local.backward()
     D.all_reduce_grads(model.parameters())
     totals = D.all_reduce_sum(torch.stack([v.detach() for v in parts.values()]))

@@ -129,6 +129,11 @@ class TrainConfig:
     validate_every_epochs: int = 1
     checkpoint_every_steps: int = 0  # also write a resumable checkpoint every N steps (0: per epoch only)
     max_steps_per_epoch: int = 0  # 0: the whole training split
+    # Distillation: a trained run or ensemble folder whose similarities the student also learns to reproduce
+    # (losses.distillation_loss, weighted; "" = off). Its embeddings of the training split are computed once.
+    distill_from: str = ""
+    distill_weight: float = 1.0
+    distill_temperature: float = 0.05
 
 
 @dataclass(frozen=True)

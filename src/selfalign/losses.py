@@ -1,7 +1,9 @@
-"""The VSE++ hinge triplet loss on a batch of matched (image, caption) pairs.
+"""Losses on the similarities of a batch of matched (image, caption) pairs: the VSE++ hinge triplet loss, and the
+distillation of a teacher's similarities.
 
-A caption of the same image as the anchor (a sibling) is never counted as a negative: with five captions per image
-two siblings often share a batch, and the hardest-negative loss would otherwise push apart a true match.
+A caption of the same image as the anchor (a sibling) is never counted as a negative by the hinge loss: with five
+captions per image two siblings often share a batch, and the hardest-negative loss would otherwise push apart a true
+match. Distillation has no negatives to choose: the teacher's similarities say how alike every pair is.
 """
 
 from __future__ import annotations
@@ -31,3 +33,23 @@ def hinge_triplet_loss(sims: torch.Tensor, image_ids: torch.Tensor, margin: floa
     if hardest:
         return cost_caption.max(1).values.sum() + cost_image.max(0).values.sum()
     return cost_caption.sum() + cost_image.sum()
+
+
+def distillation_loss(sims: torch.Tensor, teacher_sims: torch.Tensor, temperature: float,
+                      anchors: slice | None = None) -> torch.Tensor:
+    """Summed KL divergence from the teacher's to the student's in-batch retrieval distributions.
+
+    ``sims [B, B]`` are the student's similarities, ``teacher_sims [B, B]`` the teacher's for the same pairs (row i =
+    image of pair i, column j = caption of pair j). Each anchor image's row and each anchor caption's column becomes a
+    distribution by ``softmax(s / temperature)``; the loss is ``sum KL(teacher || student)`` over both, so the student
+    learns how much more alike the teacher finds every pair, not only which one matches. ``anchors`` splits the sum
+    across distributed ranks exactly as in :func:`hinge_triplet_loss`.
+    """
+    anchors = slice(0, sims.shape[0]) if anchors is None else anchors
+    teacher_sims = teacher_sims.to(sims.dtype)
+
+    def kl(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> torch.Tensor:
+        target = torch.log_softmax(teacher / temperature, dim=dim)
+        return (target.exp() * (target - torch.log_softmax(student / temperature, dim=dim))).sum()
+
+    return kl(sims[anchors], teacher_sims[anchors], 1) + kl(sims[:, anchors], teacher_sims[:, anchors], 0)

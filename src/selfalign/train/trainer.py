@@ -25,8 +25,9 @@ from selfalign.data.precomp import check_finite, load_split_views, mirror_split_
 from selfalign.data.text import TokenBatch, Vocabulary, sided_fraction
 from selfalign.errors import InputError, SelfAlignError
 from selfalign.evaluate.runner import encode_split, score_embeddings
-from selfalign.losses import hinge_triplet_loss
+from selfalign.losses import distillation_loss, hinge_triplet_loss
 from selfalign.model.checkpoint import WEIGHTS, build_model, save_run_files, save_weights
+from selfalign.train.distill import TeacherTargets, check_distill_config, teacher_targets
 from selfalign.train.logger import RunLogger
 from selfalign.train.state import (STATE, Progress, TrainingDiverged, load_state, require_finite, rng_snapshot,
                                    save_state)
@@ -128,8 +129,8 @@ def _rows(tokens: TokenBatch, idx: np.ndarray) -> TokenBatch:
 
 def step_losses(model, cfg: RunConfig, store: RegionStore, tokens: TokenBatch, batch: np.ndarray, rank: int,
                 world_size: int, device: torch.device, generator: torch.Generator, hardest: bool,
-                use_amp: bool = False, word_weight: torch.Tensor | None = None, mirror: RegionStore | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                use_amp: bool = False, word_weight: torch.Tensor | None = None, mirror: RegionStore | None = None,
+                teacher: TeacherTargets | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's share of the loss of the global ``batch`` (pair indices ``[B]``; pair p = caption p of image p//5).
 
     Returns ``(local, parts)``: ``local`` is what this rank back-propagates — summed over ranks (as gradients are) it
@@ -137,6 +138,8 @@ def step_losses(model, cfg: RunConfig, store: RegionStore, tokens: TokenBatch, b
     The ranking loss and LCA's Sinkhorn codes are exactly global; CRA's negatives are the rank's own pairs.
     ``word_weight [n_pairs, L]`` (optional, CPU) restricts LCA to some words of every caption (``align.lca_words``).
     ``mirror``: the mirrored copies of the store's images; each pair then takes its image from it with probability 1/2.
+    ``teacher``: the teacher's embeddings of the training split; adds ``train.distill_weight`` × the distillation loss
+    on the global batch (exactly global, like the ranking loss).
     """
     sizes = D.shard_sizes(len(batch), world_size)
     mine = batch[rank::world_size]
@@ -157,8 +160,12 @@ def step_losses(model, cfg: RunConfig, store: RegionStore, tokens: TokenBatch, b
     with torch.autocast(device.type, enabled=False):
         sims = model.similarity(image, text, lambda x: D.all_gather_with_grad(x, sizes)).float()  # global batch
         ids = torch.from_numpy(gathered_order // 5).to(device)  # every rank knows the batch: no need to gather ids
-        parts = {"rank": hinge_triplet_loss(sims, ids, cfg.train.margin, hardest,
-                                            anchors=slice(offset, offset + len(mine)))}
+        anchors = slice(offset, offset + len(mine))
+        parts = {"rank": hinge_triplet_loss(sims, ids, cfg.train.margin, hardest, anchors=anchors)}
+        if teacher is not None:
+            taught = teacher.similarities(gathered_order).to(device)
+            parts["distill"] = cfg.train.distill_weight * distillation_loss(
+                sims, taught, cfg.train.distill_temperature, anchors=anchors)
     share = len(mine) / len(batch)  # LCA/CRA are means over pairs: weight each rank's mean by its share of pairs
     parts.update({k: share * v.float() for k, v in aligned.items()})
     return sum(parts.values()), parts
@@ -236,7 +243,8 @@ def _load_data(cfg: RunConfig):
         raise InputError(f"{cfg.data.features}: region features are {train_split.images.shape[-1]}-d but "
                          f"model.image_dim is {cfg.model.image_dim}")
     checked = [(cfg.data.train_split, train_split), (cfg.data.dev_split, dev_split),
-               (mirror_split_name(cfg.data.train_split), train_mirror), (mirror_split_name(cfg.data.dev_split), dev_mirror)]
+               (mirror_split_name(cfg.data.train_split), train_mirror),
+               (mirror_split_name(cfg.data.dev_split), dev_mirror)]
     for name, split in ((name, split) for name, split in checked if split is not None):
         try:
             check_finite(split)  # one chunked pass: a NaN feature would otherwise surface as a diverged loss
@@ -249,6 +257,7 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_aft
            world: D.World) -> Path:
     device = world.device
     seed_everything(cfg.train.seed)
+    check_distill_config(cfg)
     train_split, dev_split, train_mirror, dev_mirror = _load_data(cfg)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +275,7 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_aft
     prepare_model(model, world)  # after the codebook init: every rank starts from rank 0's codebook
     if not resume and world.is_main:
         save_run_files(run_dir, cfg, vocab)
+    teacher = teacher_targets(cfg, train_split, train_mirror, run_dir, device, world.is_main, resume, progress)
     all_tokens = model.tokenize(list(train_split.captions))
     n_pairs = len(train_split.captions)
     word_weight = _lca_word_weight(model, cfg, all_tokens)
@@ -299,7 +309,7 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_aft
             for step in range(first_step, len(batches)):
                 generator.manual_seed(cfg.train.seed * 1_000_003 + state.global_step)
                 local, parts = step_losses(model, cfg, store, all_tokens, batches[step], world.rank, world.size,
-                                           device, generator, hardest, use_amp, word_weight, mirror)
+                                           device, generator, hardest, use_amp, word_weight, mirror, teacher)
                 totals = D.all_reduce_sum(torch.stack([v.detach() for v in parts.values()])).tolist()
                 losses = dict(zip(parts, totals))
                 loss = sum(totals)

@@ -1,0 +1,120 @@
+"""Distillation targets: a trained teacher's embeddings of the training split (``train.distill_from``).
+
+The teacher is a run or an ensemble folder (``selfalign ensemble``): an ensemble's accuracy taught to one model that
+costs what one model costs at query time. Its embeddings of every training image (its two views averaged where the
+run mirrors) and caption are computed once, at the start of the run, and kept in the run folder
+(``teacher.safetensors``, with the teacher's model hash), so a resumed run reads them instead of recomputing and a
+teacher retrained in between is refused rather than silently mixed in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from selfalign import atomic
+from selfalign import distributed as D
+from selfalign.config import RunConfig
+from selfalign.errors import ConfigError, InputError
+from selfalign.evaluate.runner import encode_split
+from selfalign.model.checkpoint import embedding_config, load_model, model_hash
+
+TEACHER = "teacher.safetensors"
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's ``images [N, E_t]`` and ``captions [5N, E_t]`` embeddings of the training split (float32,
+    CPU); pair p is caption p of image p // 5."""
+
+    images: torch.Tensor
+    captions: torch.Tensor
+
+    def similarities(self, pairs: np.ndarray) -> torch.Tensor:
+        """Pair indices ``[B]`` -> the teacher's ``[B, B]`` similarities (row i = image of pair i, column j =
+        caption of pair j), in the order of ``pairs``."""
+        rows = torch.from_numpy(np.asarray(pairs, dtype=np.int64))
+        return self.images.index_select(0, rows // 5) @ self.captions.index_select(0, rows).T
+
+
+def check_distill_config(cfg: RunConfig) -> None:
+    """The distillation keys must be usable before any work starts."""
+    weight, temperature = cfg.train.distill_weight, cfg.train.distill_temperature
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"train.distill_weight: must be a finite number >= 0, got {weight}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ConfigError(f"train.distill_temperature: must be a finite number > 0, got {temperature}")
+
+
+def _check_teacher(teacher_dir: Path, cfg: RunConfig) -> None:
+    """The teacher must read the student's feature store: the same kind of regions, of the same width."""
+    if not teacher_dir.is_dir():
+        raise InputError(f"train.distill_from: {teacher_dir} is not a run or ensemble folder")
+    tcfg = embedding_config(teacher_dir)
+    if tcfg.model.similarity != "dot":
+        raise InputError(f"train.distill_from: {teacher_dir} scores pairs by cross-attention "
+                         f"(model.similarity={tcfg.model.similarity}); a teacher must embed them")
+    mine = (cfg.data.regions, cfg.model.image_dim, cfg.model.image_backbone_tail)
+    theirs = (tcfg.data.regions, tcfg.model.image_dim, tcfg.model.image_backbone_tail)
+    if mine != theirs:
+        raise InputError(f"train.distill_from: {teacher_dir} reads regions={theirs[0]} ({theirs[1]}-d, "
+                         f"image_backbone_tail={theirs[2]}) but this run's store {cfg.data.features} holds "
+                         f"regions={mine[0]} ({mine[1]}-d, image_backbone_tail={mine[2]})")
+
+
+def _compute(teacher_dir: Path, split, mirror, device: torch.device, progress: bool) -> TeacherTargets:
+    with torch.random.fork_rng(devices=[]):  # building the teacher must not move the student's random streams
+        model, _ = load_model(teacher_dir, device)
+    if progress:
+        print(f"distillation: embedding {len(split.image_ids)} training images and {len(split.captions)} captions "
+              f"with the teacher {teacher_dir} (once; kept in the run folder)", flush=True)
+    emb = encode_split(model, split, mirror=mirror)
+    return TeacherTargets(emb.images.float(), emb.captions.float())
+
+
+def teacher_targets(cfg: RunConfig, split, mirror, run_dir: Path, device: torch.device, is_main: bool,
+                    resume: bool, progress: bool = True) -> TeacherTargets | None:
+    """The teacher's embeddings of ``split`` (a FeatureSplit; ``mirror`` its mirrored copy or None), or None when
+    the run does not distil. Rank 0 computes and saves them; every rank then reads the saved file."""
+    if not cfg.train.distill_from:
+        return None
+    check_distill_config(cfg)
+    teacher_dir = Path(cfg.train.distill_from)
+    _check_teacher(teacher_dir, cfg)
+    path = Path(run_dir) / TEACHER
+    expected = {"model_hash": model_hash(teacher_dir), "images": str(len(split.image_ids)),
+                "captions": str(len(split.captions)), "views": "2" if mirror is not None else "1"}
+    if is_main:
+        if path.is_file():
+            found = _read_metadata(path)
+            if found != expected:
+                if resume:
+                    raise InputError(f"{path}: made with another teacher or training split ({found}); this run "
+                                     f"now asks {teacher_dir} ({expected}). A resumed run keeps its teacher: "
+                                     f"restore it, or start a new run")
+                path.unlink()
+        if not path.is_file():
+            targets = _compute(teacher_dir, split, mirror, device, progress)
+            with atomic.atomic_path(path) as tmp:
+                save_file({"images": targets.images.half().contiguous(),
+                           "captions": targets.captions.half().contiguous()}, str(tmp), metadata=expected)
+    D.barrier()
+    state = load_file(str(path))  # half precision on disk: similarities to ~1e-3, far below a temperature
+    return TeacherTargets(state["images"].float(), state["captions"].float())
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise InputError(f"{path}: cannot read the teacher's embeddings ({exc}); delete it to recompute") from None
+
+
+__all__ = ["TEACHER", "TeacherTargets", "check_distill_config", "teacher_targets"]
