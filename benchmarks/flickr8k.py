@@ -7,11 +7,13 @@ Configurations (each a change of ``src/selfalign/configs/flickr8k.yaml``, the ma
   selfalign  MiniLM + EfficientNet-Lite0 with its top fine-tuned (blocks 12-15 and the head train inside the image
              encoder, on a regions=tail store) + SelfAlign: the main configuration  every seed of --seeds
   base       the same without SelfAlign (LCA and CRA off)                              every seed of --seeds
+  distilled  the main configuration also taught by its seeds' ensemble (train.distill_from)  --distill-seeds
   grid       the main configuration on frozen grid features (7x7 cells + the whole image, 1280-d)  --ablation-seeds
   grid-base  the same without SelfAlign                                                --ablation-seeds
   bigru      BiGRU text encoder (GloVe-initialised when the package is there)          --ablation-seeds
   detector   frozen YOLOX-Nano boxes + the whole image instead of the map (--detector) --ablation-seeds
-Runs go in the order of their priority (seed 0 of the main pair first). A finished run (``eval.json``) is skipped and
+Runs go in the order of their priority (seed 0 of the main pair first; the distilled runs once every seed of the
+main configuration is done). A finished run (``eval.json``) is skipped and
 an interrupted one resumes, so the script can be stopped and rerun at any time; several copies may run at once on
 different ``--configs``. Every invocation rewrites ``results.json`` and ``results.md`` from all finished runs.
 ``--quick`` runs the whole path on a tiny subset (a few images per split, tiny model) in well under a minute.
@@ -56,6 +58,7 @@ NO_SELFALIGN = ["align.lca=false", "align.cra=false"]
 CONFIGS = {  # name: (store, overrides)
     "selfalign": ("tail", []),
     "base": ("tail", NO_SELFALIGN),
+    "distilled": ("tail", []),  # + train.distill_from=OUT/selfalign-ensemble, given when the ensemble exists
     "grid": ("grid", []),
     "grid-base": ("grid", NO_SELFALIGN),
     "bigru": ("tail", ["model.text_encoder=bigru"]),
@@ -72,8 +75,9 @@ PUBLISHED = {
     "HGLMM Fisher vectors (Klein et al. 2015)": (31.0, 59.3, 73.7, 21.2, 50.0, 64.8, 300.0),
 }
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base", "grid", "grid-base"), "+querybank"
-PAIRS = {"selfalign_gain": ("selfalign", "base"), "grid_gain": ("grid", "grid-base")}  # SelfAlign vs its base
+QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base", "distilled", "grid", "grid-base"), "+querybank"
+PAIRS = {"selfalign_gain": ("selfalign", "base"), "grid_gain": ("grid", "grid-base"),  # SelfAlign vs its base
+         "distill_gain": ("distilled", "selfalign")}  # what the ensemble's teaching adds
 COMPARED = ("model", "align")  # the sections that tell the configurations apart
 ENSEMBLE_CONFIGS = ("selfalign", "base")  # each one's seeds as one model
 
@@ -289,6 +293,7 @@ def plan(args) -> list[tuple[str, int]]:
         raise SystemExit(f"--configs: unknown {unknown} (known: {', '.join(CONFIGS)})")
     seeds, ablation_seeds = seed_list(args.seeds), seed_list(args.ablation_seeds)
     order = [(n, s) for s in seeds for n in ("selfalign", "base") if n in wanted]
+    order += [("distilled", s) for s in seed_list(args.distill_seeds) if "distilled" in wanted]
     order += [(n, s) for s in ablation_seeds for n in ("grid", "grid-base") if n in wanted]
     order += [(n, s) for n in ("bigru", "detector") if n in wanted for s in ablation_seeds]
     return order
@@ -301,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="runs and results (default runs/flickr8k)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the main configuration and its base")
     parser.add_argument("--ablation-seeds", default="0", help="seeds of the grid, grid-base, bigru and detector ablations")
+    parser.add_argument("--distill-seeds", default="0",
+                        help="seeds of the distilled configuration (its teacher: the ensemble of every --seeds run)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     parser.add_argument("--config", type=Path, default=MAIN_CONFIG, help="the main configuration")
     parser.add_argument("--detector", default=str(Path(__file__).resolve().parents[2] / "shared" / "models" / "yolox"
@@ -341,9 +348,16 @@ def main(argv: list[str] | None = None) -> dict:
     for regions in sorted({CONFIGS[n][0] for n, _ in order}):
         extract(args.data, args.features / regions, regions, args.detector, args.quick, args.out,
                 mirror=data_cfg.mirror_train or data_cfg.mirror_test)
+    seeds = seed_list(args.seeds)
     for name, seed in order:
-        metrics = run_one(name, seed, args.features / CONFIGS[name][0], args,
-                          extra if name == "bigru" else [])
+        changes = extra if name == "bigru" else []
+        if name == "distilled":
+            if "selfalign" not in [n for n, _ in order] or score_ensemble("selfalign", seeds, args.out,
+                                                                         args.querybank, "auto") is None:
+                skipped["distilled"] = "its teacher is the ensemble of --seeds (two or more) of selfalign"
+                continue
+            changes = [f"train.distill_from={args.out / 'selfalign-ensemble'}"]
+        metrics = run_one(name, seed, args.features / CONFIGS[name][0], args, changes)
         print(f"{name:10s} seed {seed}: rsum {metrics['rsum']:.1f}  i2t R@1 {metrics['i2t_r1']:.1f}  "
               f"t2i R@1 {metrics['t2i_r1']:.1f}  train {metrics.get('train_seconds', 0):.0f}s", flush=True)
         if args.querybank and name in QUERYBANK_CONFIGS:
@@ -355,7 +369,6 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name:10s} seed {seed}: rsum {banked['rsum']:.1f} with its query bank (beta "
                       f"{bank['beta_images']} for images, {bank['beta_captions']} for captions, "
                       f"{banked['querybank_seconds']:.0f}s)", flush=True)
-    seeds = seed_list(args.seeds)
     ensembles = {}
     for name in ENSEMBLE_CONFIGS:
         if any(n == name for n, _ in order) and (scored := score_ensemble(name, seeds, args.out, args.querybank,
