@@ -74,6 +74,7 @@ def test_bad_distillation_settings_are_named(feature_store, teachers, tmp_path, 
         train(_student(feature_store, tmp_path, runs[0], override), progress=False)
 
 
-def test_missing_teacher_is_named(feature_store, tmp_path):
+def test_missing_teacher_is_named_before_anything_is_written(feature_store, tmp_path):
     with pytest.raises(InputError, match="train.distill_from: .*nowhere"):
         train(_student(feature_store, tmp_path, tmp_path / "nowhere"), progress=False)
+    assert not (tmp_path / "student").exists()

@@ -44,12 +44,14 @@ class TeacherTargets:
 
 
 def check_distill_config(cfg: RunConfig) -> None:
-    """The distillation keys must be usable before any work starts."""
+    """The distillation keys, and the teacher they name, must be usable before any work starts."""
     weight, temperature = cfg.train.distill_weight, cfg.train.distill_temperature
     if not math.isfinite(weight) or weight < 0:
         raise ConfigError(f"train.distill_weight: must be a finite number >= 0, got {weight}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ConfigError(f"train.distill_temperature: must be a finite number > 0, got {temperature}")
+    if cfg.train.distill_from:
+        _check_teacher(Path(cfg.train.distill_from), cfg)
 
 
 def _check_teacher(teacher_dir: Path, cfg: RunConfig) -> None:
@@ -86,7 +88,6 @@ def teacher_targets(cfg: RunConfig, split, mirror, run_dir: Path, device: torch.
         return None
     check_distill_config(cfg)
     teacher_dir = Path(cfg.train.distill_from)
-    _check_teacher(teacher_dir, cfg)
     path = Path(run_dir) / TEACHER
     expected = {"model_hash": model_hash(teacher_dir), "images": str(len(split.image_ids)),
                 "captions": str(len(split.captions)), "views": "2" if mirror is not None else "1"}
