@@ -83,15 +83,15 @@ def _compute(teacher_dir: Path, split, mirror, device: torch.device, progress: b
 def teacher_targets(cfg: RunConfig, split, mirror, run_dir: Path, device: torch.device, is_main: bool,
                     resume: bool, progress: bool = True) -> TeacherTargets | None:
     """The teacher's embeddings of ``split`` (a FeatureSplit; ``mirror`` its mirrored copy or None), or None when
-    the run does not distil. Rank 0 computes and saves them; every rank then reads the saved file."""
+    the run does not distil; ``cfg`` has passed :func:`check_distill_config`. Rank 0 computes and saves them (or
+    checks the saved ones); every rank then reads the saved file."""
     if not cfg.train.distill_from:
         return None
-    check_distill_config(cfg)
-    teacher_dir = Path(cfg.train.distill_from)
     path = Path(run_dir) / TEACHER
-    expected = {"model_hash": model_hash(teacher_dir), "images": str(len(split.image_ids)),
-                "captions": str(len(split.captions)), "views": "2" if mirror is not None else "1"}
     if is_main:
+        teacher_dir = Path(cfg.train.distill_from)
+        expected = {"model_hash": model_hash(teacher_dir), "images": str(len(split.image_ids)),
+                    "captions": str(len(split.captions)), "views": "2" if mirror is not None else "1"}
         if path.is_file():
             found = _read_metadata(path)
             if found != expected:
