@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfalign.data.captions import CaptionedSplit, load_token_dataset
+from selfalign.data.captions import CaptionedSplit, load_token_dataset, read_json
 from selfalign.errors import InputError
 
 
@@ -163,3 +163,19 @@ def test_boxes_file(tmp_path):
     boxes.write_text('{"a.jpg": \n [[0, 0, 4, 4]', encoding="utf-8")
     with pytest.raises(InputError, match=r"boxes.json:2: invalid JSON"):
         load_token_dataset(caps, split_file, images, boxes_file=boxes)
+
+
+def test_read_json_names_the_file_and_line(tmp_path):
+    good = tmp_path / "ok.json"
+    good.write_text('{"a": [1, 2]}', encoding="utf-8")
+    assert read_json(good) == {"a": [1, 2]}
+    with pytest.raises(InputError, match=r"boxes file not found: .*missing.json"):
+        read_json(tmp_path / "missing.json", "boxes file")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n"a": [1,\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"bad.json:3: invalid JSON"):
+        read_json(bad)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"caf\xe9": 1}')
+    with pytest.raises(InputError, match=r"latin.json: not valid UTF-8 text \(byte 5\)"):
+        read_json(latin)

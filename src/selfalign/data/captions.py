@@ -92,6 +92,19 @@ def read_lines(path: Path) -> list[str]:
     return lines
 
 
+def read_json(path: Path, what: str = "file") -> object:
+    """A UTF-8 JSON file's value; errors name the file and, for bad JSON, the line. ``what`` names it when missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 def read_split_file(path: Path) -> list[str]:
     """Image ids of a split file, one per line (blank lines ignored); duplicates are an error naming the line."""
     ids: list[str] = []
@@ -126,12 +139,7 @@ def _parse_token_line(path: Path, lineno: int, line: str) -> tuple[str, int, str
 def load_boxes(boxes_file: Path, image_ids: list[str]) -> list[np.ndarray]:
     """Per-image ``[n_i, 4]`` float32 boxes from a ``{image_id: [[x1, y1, x2, y2], ...]}`` JSON file."""
     boxes_file = Path(boxes_file)
-    if not boxes_file.is_file():
-        raise InputError(f"boxes file not found: {boxes_file}")
-    try:
-        table = json.loads(boxes_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{boxes_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    table = read_json(boxes_file, "boxes file")
     if not isinstance(table, dict):
         raise InputError(f"{boxes_file}: expected a JSON object {{image_id: [[x1, y1, x2, y2], ...]}}")
     out = []

@@ -13,7 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from selfalign.data.captions import CAPTIONS_PER_IMAGE, CaptionedSplit, load_token_dataset, read_lines, read_split_file
+from selfalign.data.captions import (
+    CAPTIONS_PER_IMAGE,
+    CaptionedSplit,
+    load_token_dataset,
+    read_json,
+    read_lines,
+    read_split_file,
+)
 from selfalign.data.scenes import load_scenes
 from selfalign.errors import ConfigError, InputError
 
@@ -63,12 +70,7 @@ def load_karpathy(json_path: Path, image_dir: Path, split: str) -> CaptionedSpli
     wanted = {"train": {"train", "restval"}, "dev": {"val"}, "test": {"test"}}.get(split)
     if wanted is None:
         raise InputError(f"karpathy: unknown split '{split}' (expected train, dev or test)")
-    if not json_path.is_file():
-        raise InputError(f"Karpathy split file not found: {json_path}")
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{json_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    data = read_json(json_path, "Karpathy split file")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise InputError(f"{json_path}: expected a JSON object with an 'images' list")

@@ -15,7 +15,6 @@ Every file is written atomically; readers memory-map the features so a store lar
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from selfalign.atomic import save_npy, write_json, write_text
-from selfalign.data.captions import read_lines
+from selfalign.data.captions import read_json, read_lines
 from selfalign.errors import InputError
 
 CAPTIONS_PER_IMAGE = 5
@@ -235,10 +234,7 @@ def read_meta(feat_dir: str | os.PathLike) -> dict:
     path = Path(feat_dir) / "meta.json"
     if not path.exists():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    meta = read_json(path)
     if not isinstance(meta, dict):
         raise InputError(f"{path}: expected a JSON object")
     return meta
