@@ -43,6 +43,26 @@ def test_wrong_types_are_named(override, msg):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("text,msg", [
+    ("train:\n  epochs: 1.5\n", "train.epochs': expected an integer, got 1.5"),
+    ("train:\n  epochs: true\n", "train.epochs': expected an integer, got True"),
+    ("train:\n  lr: [0.1]\n", r"train.lr': expected a number, got \[0.1\]"),
+    ("train:\n  lr: false\n", "train.lr': expected a number, got False"),
+])
+def test_yaml_values_of_the_wrong_type_are_named(tmp_path, text, msg):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=msg):
+        load_config(path)
+
+
+def test_yaml_numbers_are_coerced(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 4\n  lr: 1\n")
+    cfg = load_config(path)
+    assert cfg.train.epochs == 4 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

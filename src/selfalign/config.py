@@ -168,20 +168,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if tp is int or tp is float:
+        # a float is no integer (1.5 would truncate silently); an int is a valid float
+        accepted = (int, str) if tp is int else (int, float, str)
+        expected = "an integer" if tp is int else "a number"
+        if not isinstance(value, bool) and isinstance(value, accepted):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
