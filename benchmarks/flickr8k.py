@@ -349,14 +349,17 @@ def main(argv: list[str] | None = None) -> dict:
         extract(args.data, args.features / regions, regions, args.detector, args.quick, args.out,
                 mirror=data_cfg.mirror_train or data_cfg.mirror_test)
     seeds = seed_list(args.seeds)
+    teacher: Path | None = None  # the selfalign ensemble, made (and scored) once, by the first distilled run
     for name, seed in order:
         changes = extra if name == "bigru" else []
         if name == "distilled":
-            if "selfalign" not in [n for n, _ in order] or score_ensemble("selfalign", seeds, args.out,
-                                                                         args.querybank, "auto") is None:
+            if teacher is None and any(n == "selfalign" for n, _ in order) and score_ensemble(
+                    "selfalign", seeds, args.out, args.querybank, "auto") is not None:
+                teacher = args.out / "selfalign-ensemble"
+            if teacher is None:
                 skipped["distilled"] = "its teacher is the ensemble of --seeds (two or more) of selfalign"
                 continue
-            changes = [f"train.distill_from={args.out / 'selfalign-ensemble'}"]
+            changes = [f"train.distill_from={teacher}"]
         metrics = run_one(name, seed, args.features / CONFIGS[name][0], args, changes)
         print(f"{name:10s} seed {seed}: rsum {metrics['rsum']:.1f}  i2t R@1 {metrics['i2t_r1']:.1f}  "
               f"t2i R@1 {metrics['t2i_r1']:.1f}  train {metrics.get('train_seconds', 0):.0f}s", flush=True)
