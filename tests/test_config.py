@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from selfalign.config import RunConfig, config_from_dict, config_to_dict, load_config
+from selfalign.config import RunConfig, config_from_dict, config_to_dict, load_config, resume_config
 from selfalign.errors import ConfigError
 
 
@@ -76,3 +76,14 @@ def test_config_is_frozen():
     cfg = RunConfig()
     with pytest.raises(Exception):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_resume_config_takes_only_execution_keys():
+    cfg = load_config(None, ["train.threads=1", "train.lr=0.001"])
+    resumed = resume_config(cfg, ["train.threads=2", "train.checkpoint_every_steps=50"])
+    assert (resumed.train.threads, resumed.train.checkpoint_every_steps, resumed.train.lr) == (2, 50, 0.001)
+    for key in ("train.lr=0.1", "model.embed_dim=64", "name=other", "train.threads.x=1"):
+        with pytest.raises(ConfigError, match="may change on --resume"):
+            resume_config(cfg, [key])
+    with pytest.raises(ConfigError, match="train.threads"):
+        resume_config(cfg, ["train.threads=two"])  # an allowed key still gets its type checked

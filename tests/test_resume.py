@@ -19,7 +19,7 @@ from conftest import make_feature_store, tiny_overrides
 from selfalign.cli import main
 from selfalign.config import load_config
 from selfalign.errors import InputError
-from selfalign.model.checkpoint import build_model
+from selfalign.model.checkpoint import build_model, read_run_config
 from selfalign.train import TrainingDiverged, train
 from selfalign.train.state import LAST_WEIGHTS, PENDING, STATE, Progress, load_state, read_state, save_state
 from selfalign.train.trainer import build_optimizer, build_scheduler
@@ -154,3 +154,20 @@ def test_cli_reports_divergence_in_one_line(feature_store, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error:") and "global step" in err and "train.lr" in err
     assert not (tmp_path / "tiny" / STATE).exists()  # nothing was saved after the divergence
+
+
+def test_resume_may_change_how_a_run_executes_but_not_what_it_learns(feature_store, tmp_path, capsys):
+    cfg = load_config(None, tiny_overrides(feature_store, tmp_path) + ["train.checkpoint_every_steps=2"])
+    run = train(cfg, progress=False, stop_after_steps=2)  # interrupted after its step-2 checkpoint
+    assert read_state(run)["global_step"] == 2
+    refused = main(["train", "--resume", str(run), "train.threads=2", "train.lr=0.1", "--quiet"])
+    assert refused == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "train.threads" in err  # names the refused key and the ones that may change
+    assert read_state(run)["global_step"] == 2  # nothing ran
+
+    assert main(["train", "--resume", str(run), "train.threads=2", "train.checkpoint_every_steps=0", "--quiet"]) == 0
+    saved = read_run_config(run)
+    assert (saved.train.threads, saved.train.checkpoint_every_steps) == (2, 0)  # the config records what ran
+    assert saved.train.lr == cfg.train.lr
+    assert read_state(run)["epoch"] == cfg.train.epochs

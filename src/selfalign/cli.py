@@ -30,13 +30,15 @@ def _cmd_extract(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    from selfalign.config import load_config
+    from selfalign.config import load_config, resume_config
     from selfalign.model.checkpoint import read_run_config
     from selfalign.train import train
 
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = read_run_config(run_dir)
+        # With --resume there is no CONFIG.yaml: every positional argument is an override.
+        overrides = ([args.config] if args.config is not None else []) + args.overrides
+        cfg = resume_config(read_run_config(run_dir), overrides)
         train(cfg, resume=True, run_dir=run_dir, progress=not args.quiet)
     else:
         if args.config is None:
@@ -175,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", nargs="?", help="CONFIG.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (overrides: only "
+                   "train.threads and train.checkpoint_every_steps)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 

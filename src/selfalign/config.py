@@ -124,7 +124,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision (CUDA only)
-    num_workers: int = 0
+    num_workers: int = 0  # unused: the trainer reads the feature store from memory; kept so older runs load
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     validate_every_epochs: int = 1
     checkpoint_every_steps: int = 0  # also write a resumable checkpoint every N steps (0: per epoch only)
@@ -255,6 +255,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
+
+
+# What a resumed run may change: how it executes, never what it learns.
+RESUME_OVERRIDABLE = ("train.threads", "train.checkpoint_every_steps")
+
+
+def resume_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A resumed run's saved config with ``section.key=value`` overrides of the keys in RESUME_OVERRIDABLE only
+    (e.g. more threads once the machine is free); any other key is a ConfigError that names it."""
+    for text in overrides:
+        key = ".".join(_parse_override(text)[0])
+        if key not in RESUME_OVERRIDABLE:
+            raise ConfigError(f"config key '{key}': a resumed run keeps the config it started with; only "
+                              f"{', '.join(RESUME_OVERRIDABLE)} may change on --resume")
+    return config_from_dict(merge_overrides(config_to_dict(cfg), overrides))
 
 
 def config_to_dict(cfg: Any) -> dict:

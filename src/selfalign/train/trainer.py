@@ -273,8 +273,8 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, run_dir: Path, stop_aft
     if not resume and cfg.align.codebook_init == "data" and model.align is not None and model.align.lca is not None:
         init_codebook_from_regions(model, store, cfg.train.seed, device)
     prepare_model(model, world)  # after the codebook init: every rank starts from rank 0's codebook
-    if not resume and world.is_main:
-        save_run_files(run_dir, cfg, vocab)
+    if world.is_main:  # a resumed run saves its config again: --resume may have changed how it executes
+        save_run_files(run_dir, cfg, None if resume else vocab)
     teacher = teacher_targets(cfg, train_split, train_mirror, run_dir, device, world.is_main, resume, progress)
     all_tokens = model.tokenize(list(train_split.captions))
     n_pairs = len(train_split.captions)
