@@ -8,6 +8,7 @@ Configurations (each a change of ``src/selfalign/configs/flickr8k.yaml``, the ma
              encoder, on a regions=tail store) + SelfAlign: the main configuration  every seed of --seeds
   base       the same without SelfAlign (LCA and CRA off)                              every seed of --seeds
   distilled  the main configuration also taught by its seeds' ensemble (train.distill_from)  --distill-seeds
+  distilled-by-base  the same, taught by the ensemble of the base's seeds instead          --distill-seeds
   grid       the main configuration on frozen grid features (7x7 cells + the whole image, 1280-d)  --ablation-seeds
   grid-base  the same without SelfAlign                                                --ablation-seeds
   bigru      BiGRU text encoder (GloVe-initialised when the package is there)          --ablation-seeds
@@ -59,6 +60,7 @@ CONFIGS = {  # name: (store, overrides)
     "selfalign": ("tail", []),
     "base": ("tail", NO_SELFALIGN),
     "distilled": ("tail", []),  # + train.distill_from=OUT/selfalign-ensemble, given when the ensemble exists
+    "distilled-by-base": ("tail", []),  # + train.distill_from=OUT/base-ensemble
     "grid": ("grid", []),
     "grid-base": ("grid", NO_SELFALIGN),
     "bigru": ("tail", ["model.text_encoder=bigru"]),
@@ -75,9 +77,12 @@ PUBLISHED = {
     "HGLMM Fisher vectors (Klein et al. 2015)": (31.0, 59.3, 73.7, 21.2, 50.0, 64.8, 300.0),
 }
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-QUERYBANK_CONFIGS, QUERYBANK = ("selfalign", "base", "distilled", "grid", "grid-base"), "+querybank"
+QUERYBANK_CONFIGS = ("selfalign", "base", "distilled", "distilled-by-base", "grid", "grid-base")
+QUERYBANK = "+querybank"
 PAIRS = {"selfalign_gain": ("selfalign", "base"), "grid_gain": ("grid", "grid-base"),  # SelfAlign vs its base
-         "distill_gain": ("distilled", "selfalign")}  # what the ensemble's teaching adds
+         "distill_gain": ("distilled", "selfalign"),  # what the ensemble's teaching adds
+         "distill_by_base_gain": ("distilled-by-base", "selfalign")}
+TEACHERS = {"distilled": "selfalign", "distilled-by-base": "base"}  # distilled configuration: whose seeds teach it
 COMPARED = ("model", "align")  # the sections that tell the configurations apart
 ENSEMBLE_CONFIGS = ("selfalign", "base")  # each one's seeds as one model
 
@@ -293,7 +298,7 @@ def plan(args) -> list[tuple[str, int]]:
         raise SystemExit(f"--configs: unknown {unknown} (known: {', '.join(CONFIGS)})")
     seeds, ablation_seeds = seed_list(args.seeds), seed_list(args.ablation_seeds)
     order = [(n, s) for s in seeds for n in ("selfalign", "base") if n in wanted]
-    order += [("distilled", s) for s in seed_list(args.distill_seeds) if "distilled" in wanted]
+    order += [(n, s) for n in TEACHERS if n in wanted for s in seed_list(args.distill_seeds)]
     order += [(n, s) for s in ablation_seeds for n in ("grid", "grid-base") if n in wanted]
     order += [(n, s) for n in ("bigru", "detector") if n in wanted for s in ablation_seeds]
     return order
@@ -307,7 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the main configuration and its base")
     parser.add_argument("--ablation-seeds", default="0", help="seeds of the grid, grid-base, bigru and detector ablations")
     parser.add_argument("--distill-seeds", default="0",
-                        help="seeds of the distilled configuration (its teacher: the ensemble of every --seeds run)")
+                        help="seeds of the distilled configurations (teacher: the ensemble of every --seeds run)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     parser.add_argument("--config", type=Path, default=MAIN_CONFIG, help="the main configuration")
     parser.add_argument("--detector", default=str(Path(__file__).resolve().parents[2] / "shared" / "models" / "yolox"
@@ -349,17 +354,18 @@ def main(argv: list[str] | None = None) -> dict:
         extract(args.data, args.features / regions, regions, args.detector, args.quick, args.out,
                 mirror=data_cfg.mirror_train or data_cfg.mirror_test)
     seeds = seed_list(args.seeds)
-    teacher: Path | None = None  # the selfalign ensemble, made (and scored) once, by the first distilled run
+    teachers: dict[str, Path] = {}  # each teacher ensemble, made (and scored) once, by its first distilled run
     for name, seed in order:
         changes = extra if name == "bigru" else []
-        if name == "distilled":
-            if teacher is None and any(n == "selfalign" for n, _ in order) and score_ensemble(
-                    "selfalign", seeds, args.out, args.querybank, "auto") is not None:
-                teacher = args.out / "selfalign-ensemble"
-            if teacher is None:
-                skipped["distilled"] = "its teacher is the ensemble of --seeds (two or more) of selfalign"
+        if name in TEACHERS:
+            taught_by = TEACHERS[name]
+            if taught_by not in teachers and any(n == taught_by for n, _ in order) and score_ensemble(
+                    taught_by, seeds, args.out, args.querybank, "auto") is not None:
+                teachers[taught_by] = args.out / f"{taught_by}-ensemble"
+            if taught_by not in teachers:
+                skipped[name] = f"its teacher is the ensemble of --seeds (two or more) of {taught_by}"
                 continue
-            changes = [f"train.distill_from={teacher}"]
+            changes = [f"train.distill_from={teachers[taught_by]}"]
         metrics = run_one(name, seed, args.features / CONFIGS[name][0], args, changes)
         print(f"{name:10s} seed {seed}: rsum {metrics['rsum']:.1f}  i2t R@1 {metrics['i2t_r1']:.1f}  "
               f"t2i R@1 {metrics['t2i_r1']:.1f}  train {metrics.get('train_seconds', 0):.0f}s", flush=True)

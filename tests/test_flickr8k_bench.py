@@ -150,7 +150,7 @@ def _quick_and_resume(bench, out: Path) -> None:
         bench.main(["--data", str(FLICKR8K), "--out", str(out), "--quick", "--configs", "nope"])
 
 
-def test_distilled_runs_learn_from_the_ensemble_of_the_main_seeds(tmp_path):
+def test_distilled_runs_learn_from_the_ensemble_of_the_main_or_the_base_seeds(tmp_path):
     if not (FLICKR8K / "text" / "Flickr8k.token.txt").is_file():
         pytest.skip(f"the real Flickr8k is not at {FLICKR8K} (../shared beside the repository)")
     _needs_minilm()
@@ -162,14 +162,15 @@ def test_distilled_runs_learn_from_the_ensemble_of_the_main_seeds(tmp_path):
                             "--configs", "selfalign,distilled", "--no-querybank"])
         assert "ensemble of --seeds" in alone["not_run"]["distilled"] and "distilled" not in alone["runs"]
         report = bench.main(["--data", str(FLICKR8K), "--out", str(out), "--quick", "--seeds", "0,1",
-                             "--configs", "selfalign,distilled", "--no-querybank"])
+                             "--configs", "selfalign,base,distilled,distilled-by-base", "--no-querybank"])
     finally:
         torch.set_num_threads(threads)
-    assert set(report["runs"]) == {"selfalign", "distilled"} and "distilled" not in report["not_run"]
-    saved = json.loads((out / "distilled-seed0" / "config.json").read_text())
-    assert saved["train"]["distill_from"] == str(out / "selfalign-ensemble")
-    assert (out / "distilled-seed0" / "teacher.safetensors").is_file()
-    assert "distilled − selfalign rsum" in (out / "results.md").read_text()
+    assert set(report["runs"]) == {"selfalign", "base", "distilled", "distilled-by-base"} and not report["not_run"]
+    for name, teacher in (("distilled", "selfalign"), ("distilled-by-base", "base")):
+        saved = json.loads((out / f"{name}-seed0" / "config.json").read_text())
+        assert saved["train"]["distill_from"] == str(out / f"{teacher}-ensemble")
+        assert (out / f"{name}-seed0" / "teacher.safetensors").is_file()
+        assert f"{name} − selfalign rsum" in (out / "results.md").read_text()
 
 
 def test_plan_puts_the_main_pair_first_and_pairs_the_frozen_grid_runs():
@@ -180,6 +181,8 @@ def test_plan_puts_the_main_pair_first_and_pairs_the_frozen_grid_runs():
                                 ("grid-base", 0), ("detector", 0)]
     args = bench.parse_args(["--data", "x", "--seeds", "0,1", "--distill-seeds", "0,1"])
     assert bench.plan(args)[4:6] == [("distilled", 0), ("distilled", 1)]  # once the main seeds are done
+    args = bench.parse_args(["--data", "x", "--seeds", "0,1", "--configs", "distilled-by-base,base,distilled"])
+    assert bench.plan(args) == [("base", 0), ("base", 1), ("distilled", 0), ("distilled-by-base", 0)]
     main = load_config(bench.MAIN_CONFIG)  # the main configuration fine-tunes the backbone's top
     assert main.data.regions == "tail" and main.model.image_backbone_tail and main.model.image_dim == 192
     assert "model.image_backbone_tail=false" in bench.STORE_OVERRIDES[bench.CONFIGS["grid"][0]]
