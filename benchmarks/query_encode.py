@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from retrieval_speed import PACKAGED, setup  # noqa: E402
+from retrieval_speed import add_model_arguments, setup  # noqa: E402
 
 from selfalign.atomic import write_json  # noqa: E402
 from selfalign.model.gpo import GPO  # noqa: E402
@@ -38,10 +38,7 @@ def gru_every_time(gpos: list[GPO], on: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="", help="a trained run directory (default: a freshly initialised model)")
-    ap.add_argument("--config", default=str(PACKAGED / "scenes.yaml"), help="model config without --run")
-    ap.add_argument("--features", default="features/flickr8k/grid", help="feature store with the split")
-    ap.add_argument("--split", default="test")
+    add_model_arguments(ap)
     ap.add_argument("--repeats", type=int, default=300, help="queries per variant and modality")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="query_encode.json")

@@ -298,12 +298,17 @@ def tables(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--run / --config / --features / --split: what ``setup`` reads."""
     ap.add_argument("--run", default="", help="a trained run directory (default: a freshly initialised model)")
     ap.add_argument("--config", default=str(PACKAGED / "scenes.yaml"), help="model config without --run")
-    ap.add_argument("--features", default="features/flickr8k/grid", help="feature store with the test split")
+    ap.add_argument("--features", default="features/flickr8k/grid", help="feature store with the split")
     ap.add_argument("--split", default="test")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(ap)
     ap.add_argument("--parts", default="test,query,index")
     ap.add_argument("--test-images", type=int, default=1000)
     ap.add_argument("--scan-subset", type=int, default=50, help="images SCAN is first timed on (x all captions)")
