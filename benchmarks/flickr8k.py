@@ -37,16 +37,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from selfalign import atomic
-from selfalign.config import config_to_dict, load_config
-from selfalign.model.checkpoint import CONFIG
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flickr8k_report import METRICS, collect, markdown, now, summarise  # noqa: E402, F401 (METRICS: for callers)
+
+from selfalign import atomic  # noqa: E402
+from selfalign.config import config_to_dict, load_config  # noqa: E402
+from selfalign.model.checkpoint import CONFIG  # noqa: E402
 
 MAIN_CONFIG = Path(__file__).resolve().parents[1] / "src" / "selfalign" / "configs" / "flickr8k.yaml"
 SPLITS = ("train", "dev", "test")
@@ -69,26 +69,10 @@ CONFIGS = {  # name: (store, overrides)
 QUICK_IMAGES = {"train": 40, "dev": 10, "test": 10}
 QUICK_OVERRIDES = ["model.embed_dim=32", "model.image_context_heads=2", "model.word_dim=16", "align.codebook_size=16",
                    "align.cra_negatives=32", "train.epochs=1", "train.batch_size=20", "data.dev_max_images=10"]
-# Published Flickr8k 1K-test results (i2t R@1/5/10, t2i R@1/5/10, rsum), as listed in the project's reference notes.
-PUBLISHED = {
-    "DeViSE (Frome et al. 2013)": (4.5, 18.1, 29.2, 6.7, 21.9, 32.7, 113.1),
-    "VSE, OxfordNet (Kiros et al. 2014)": (18.0, 40.9, 55.0, 12.5, 37.0, 51.5, 214.9),
-    "DeepVS (Karpathy & Fei-Fei 2015)": (16.5, 40.6, 54.2, 11.8, 32.1, 44.7, 199.9),
-    "HGLMM Fisher vectors (Klein et al. 2015)": (31.0, 59.3, 73.7, 21.2, 50.0, 64.8, 300.0),
-}
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 QUERYBANK_CONFIGS = ("selfalign", "base", "distilled", "distilled-by-base", "grid", "grid-base")
-QUERYBANK = "+querybank"
-PAIRS = {"selfalign_gain": ("selfalign", "base"), "grid_gain": ("grid", "grid-base"),  # SelfAlign vs its base
-         "distill_gain": ("distilled", "selfalign"),  # what the ensemble's teaching adds
-         "distill_by_base_gain": ("distilled-by-base", "selfalign")}
 TEACHERS = {"distilled": "selfalign", "distilled-by-base": "base"}  # distilled configuration: whose seeds teach it
 COMPARED = ("model", "align")  # the sections that tell the configurations apart
 ENSEMBLE_CONFIGS = ("selfalign", "base")  # each one's seeds as one model
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def load_subset(data: Path, split: str, quick: bool):
@@ -219,73 +203,6 @@ def score_ensemble(name: str, seeds: list[int], out: Path, querybank: bool, devi
     return scored
 
 
-def collect(out: Path) -> dict:
-    """Every finished run under ``out``: {config: {seed: metrics}}, query-bank scores as ``config+querybank``."""
-    results: dict = {}
-    for file, suffix in (("eval.json", ""), ("eval_querybank.json", QUERYBANK)):
-        for path in sorted(out.glob(f"*-seed*/{file}")):
-            name, seed = path.parent.name.rsplit("-seed", 1)
-            if name in CONFIGS:
-                results.setdefault(name + suffix, {})[seed] = json.loads(path.read_text())
-    return results
-
-
-def summarise(results: dict) -> dict:
-    summary = {}
-    for name, per_seed in results.items():
-        row = {"seeds": sorted(per_seed)}
-        for key in METRICS:
-            xs = [m[key] for m in per_seed.values()]
-            row[key] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
-        row["train_seconds_mean"] = statistics.fmean(m.get("train_seconds", 0.0) for m in per_seed.values())
-        summary[name] = row
-    for key, (with_it, without) in PAIRS.items():
-        for suffix in ("", QUERYBANK):
-            ours, base = results.get(with_it + suffix), results.get(without + suffix)
-            if ours and base:
-                gains = {s: ours[s]["rsum"] - base[s]["rsum"] for s in sorted(set(ours) & set(base))}
-                summary[key + suffix] = {"per_seed": gains,
-                                         "mean": statistics.fmean(gains.values()) if gains else None}
-    return summary
-
-
-def markdown(results: dict, summary: dict, command: str, ensembles: dict | None = None) -> str:
-    head = "| {} | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | {} |\n|---|---|---|---|---|---|---|---|---|\n"
-    lines = [f"Command: `{command}`  \nHost: {platform.machine()}, {platform.processor() or 'cpu'}; {now()}\n",
-             "Per run:\n", head.format("config / seed", "train s (eval s)").rstrip("\n")]
-    for name, per_seed in results.items():
-        for seed, m in sorted(per_seed.items()):
-            cells = " | ".join(f"{m[k]:.1f}" for k in METRICS)
-            seconds = f"{m.get('train_seconds', 0):.0f} ({m.get('eval_seconds', 0):.0f})"
-            lines.append(f"| {name} / {seed} | {cells} | {seconds} |")
-    lines += ["", "Mean ± std over seeds, with published Flickr8k 1K-test results:\n",
-              head.format("config", "seeds").rstrip("\n")]
-    for name, row in summary.items():
-        if name.startswith(tuple(PAIRS)):
-            continue
-        cells = " | ".join(f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" if len(row["seeds"]) > 1
-                           else f"{row[k]['mean']:.1f}" for k in METRICS)
-        lines.append(f"| {name} | {cells} | {len(row['seeds'])} |")
-    for paper, values in PUBLISHED.items():
-        lines.append(f"| {paper} | " + " | ".join(f"{v:.1f}" for v in values) + " | — |")
-    for key, (with_it, without) in PAIRS.items():
-        for suffix, label in (("", ""), (QUERYBANK, ", both with their query banks")):
-            gain = summary.get(key + suffix)
-            if gain and gain["mean"] is not None:
-                per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in gain["per_seed"].items())
-                lines.append(f"\n{with_it} − {without} rsum{label}: mean {gain['mean']:+.1f} ({per})")
-    if ensembles:
-        lines += ["", "Each configuration's seeds as one model (`selfalign ensemble`; one encoder per member at query "
-                  "time):\n", head.format("ensemble", "scored in s").rstrip("\n")]
-        for name, scored in ensembles.items():
-            for key, label in (("plain", ""), ("querybank", ", each member with its bank")):
-                if key in scored:
-                    cells = " | ".join(f"{scored[key][k]:.1f}" for k in METRICS)
-                    lines.append(f"| {name}: {', '.join(scored['members'])}{label} | {cells} | "
-                                 f"{scored['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
 def seed_list(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
@@ -386,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name:10s} seeds {args.seeds} as one model: rsum {scored['plain']['rsum']:.1f}"
                   + (f", {scored['querybank']['rsum']:.1f} with the members' banks" if "querybank" in scored
                      else ""), flush=True)
-    results = collect(args.out)
+    results = collect(args.out, CONFIGS)
     summary = summarise(results)
     extraction = {p.stem: json.loads(p.read_text()) for p in sorted(args.out.glob("extract_*.json"))}
     report = {"command": command, "date": now(), "summary": summary, "runs": results, "ensembles": ensembles,
