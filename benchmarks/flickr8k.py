@@ -9,6 +9,7 @@ Configurations (each a change of ``src/selfalign/configs/flickr8k.yaml``, the ma
   base       the same without SelfAlign (LCA and CRA off)                              every seed of --seeds
   distilled  the main configuration also taught by its seeds' ensemble (train.distill_from)  --distill-seeds
   distilled-by-base  the same, taught by the ensemble of the base's seeds instead          --distill-seeds
+  base-distilled-by-base  distilled-by-base without SelfAlign: what SelfAlign adds to it   --distill-seeds
   grid       the main configuration on frozen grid features (7x7 cells + the whole image, 1280-d)  --ablation-seeds
   grid-base  the same without SelfAlign                                                --ablation-seeds
   bigru      BiGRU text encoder (GloVe-initialised when the package is there)          --ablation-seeds
@@ -61,6 +62,7 @@ CONFIGS = {  # name: (store, overrides)
     "base": ("tail", NO_SELFALIGN),
     "distilled": ("tail", []),  # + train.distill_from=OUT/selfalign-ensemble, given when the ensemble exists
     "distilled-by-base": ("tail", []),  # + train.distill_from=OUT/base-ensemble
+    "base-distilled-by-base": ("tail", NO_SELFALIGN),  # the same teacher, LCA and CRA off
     "grid": ("grid", []),
     "grid-base": ("grid", NO_SELFALIGN),
     "bigru": ("tail", ["model.text_encoder=bigru"]),
@@ -69,8 +71,10 @@ CONFIGS = {  # name: (store, overrides)
 QUICK_IMAGES = {"train": 40, "dev": 10, "test": 10}
 QUICK_OVERRIDES = ["model.embed_dim=32", "model.image_context_heads=2", "model.word_dim=16", "align.codebook_size=16",
                    "align.cra_negatives=32", "train.epochs=1", "train.batch_size=20", "data.dev_max_images=10"]
-QUERYBANK_CONFIGS = ("selfalign", "base", "distilled", "distilled-by-base", "grid", "grid-base")
-TEACHERS = {"distilled": "selfalign", "distilled-by-base": "base"}  # distilled configuration: whose seeds teach it
+QUERYBANK_CONFIGS = ("selfalign", "base", "distilled", "distilled-by-base", "base-distilled-by-base", "grid",
+                     "grid-base")
+# each distilled configuration: whose seeds teach it
+TEACHERS = {"distilled": "selfalign", "distilled-by-base": "base", "base-distilled-by-base": "base"}
 COMPARED = ("model", "align")  # the sections that tell the configurations apart
 ENSEMBLE_CONFIGS = ("selfalign", "base")  # each one's seeds as one model
 

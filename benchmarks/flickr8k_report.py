@@ -20,7 +20,8 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 QUERYBANK = "+querybank"  # suffix of a configuration scored with its query bank
 PAIRS = {"selfalign_gain": ("selfalign", "base"), "grid_gain": ("grid", "grid-base"),  # SelfAlign vs its base
          "distill_gain": ("distilled", "selfalign"),  # what the ensemble's teaching adds
-         "distill_by_base_gain": ("distilled-by-base", "selfalign")}
+         "distill_by_base_gain": ("distilled-by-base", "selfalign"),
+         "distilled_selfalign_gain": ("distilled-by-base", "base-distilled-by-base")}  # SelfAlign, both taught
 
 
 def now() -> str:

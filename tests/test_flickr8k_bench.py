@@ -162,15 +162,20 @@ def test_distilled_runs_learn_from_the_ensemble_of_the_main_or_the_base_seeds(tm
                             "--configs", "selfalign,distilled", "--no-querybank"])
         assert "ensemble of --seeds" in alone["not_run"]["distilled"] and "distilled" not in alone["runs"]
         report = bench.main(["--data", str(FLICKR8K), "--out", str(out), "--quick", "--seeds", "0,1",
-                             "--configs", "selfalign,base,distilled,distilled-by-base", "--no-querybank"])
+                             "--configs", "selfalign,base,distilled,distilled-by-base,base-distilled-by-base",
+                             "--no-querybank"])
     finally:
         torch.set_num_threads(threads)
-    assert set(report["runs"]) == {"selfalign", "base", "distilled", "distilled-by-base"} and not report["not_run"]
-    for name, teacher in (("distilled", "selfalign"), ("distilled-by-base", "base")):
+    taught = {"distilled": "selfalign", "distilled-by-base": "base", "base-distilled-by-base": "base"}
+    assert set(report["runs"]) == {"selfalign", "base", *taught} and not report["not_run"]
+    table = (out / "results.md").read_text()
+    for name, teacher in taught.items():
         saved = json.loads((out / f"{name}-seed0" / "config.json").read_text())
         assert saved["train"]["distill_from"] == str(out / f"{teacher}-ensemble")
+        assert saved["align"]["lca"] == saved["align"]["cra"] == (name != "base-distilled-by-base")
         assert (out / f"{name}-seed0" / "teacher.safetensors").is_file()
-        assert f"{name} − selfalign rsum" in (out / "results.md").read_text()
+    assert "distilled − selfalign rsum" in table and "distilled-by-base − selfalign rsum" in table
+    assert "distilled-by-base − base-distilled-by-base rsum" in table  # SelfAlign's gain, both taught by the base
 
 
 def test_plan_puts_the_main_pair_first_and_pairs_the_frozen_grid_runs():
