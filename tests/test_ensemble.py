@@ -87,7 +87,8 @@ def test_evaluate_on_another_store_scores_it_and_writes_nothing_into_the_run(two
     assert "rsum" in capsys.readouterr().out
     assert main(["evaluate", "--sims", str(tmp_path / "s.npy"), "--features", str(other)]) == 2
     wide = make_feature_store(tmp_path / "wide", dim=48)
-    with pytest.raises(InputError, match="48-d but the run's model.image_dim is 32"):
+    with pytest.raises(InputError, match=r"48-d but the run's model.image_dim is 32: it was trained on "
+                                         r"data.regions=\w+ features \(extract new photos with"):
         evaluate_run(two_runs[0], "test", device="cpu", features=wide)
 
 

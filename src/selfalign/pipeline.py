@@ -42,7 +42,8 @@ def _split_views(cfg, split: str, store: str | Path | None = None, one_view: boo
     features, mirror = load_split_views(store, split, cfg.data.mirror_test and not one_view)
     if features.feature_dim != cfg.model.image_dim:
         raise InputError(f"{store}: region features are {features.feature_dim}-d but the run's model.image_dim is "
-                         f"{cfg.model.image_dim}")
+                         f"{cfg.model.image_dim}: it was trained on data.regions={cfg.data.regions} features "
+                         f"(extract new photos with `selfalign extract ... --regions {cfg.data.regions}`)")
     return features, mirror
 
 
