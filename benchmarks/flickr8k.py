@@ -125,8 +125,8 @@ def run_one(name: str, seed: int, store: Path, args, extra: list[str]) -> dict:
     kind, changes = CONFIGS[name]
     overrides = [f"data.features={store}", f"data.root={args.data}", f"data.detector_path={args.detector}",
                  f"train.seed={seed}", f"name={run_dir.name}", f"out_dir={args.out}", f"train.threads={args.threads}",
-                 *(QUICK_OVERRIDES if args.quick else []), f"data.regions={kind}", *STORE_OVERRIDES[kind], *changes, *extra,
-                 *args.overrides]
+                 *(QUICK_OVERRIDES if args.quick else []), f"data.regions={kind}", *STORE_OVERRIDES[kind], *changes,
+                 *extra, *args.overrides]
     cfg = load_config(args.config, overrides)
     if (run_dir / CONFIG).is_file():
         check_same_configuration(run_dir, cfg)
@@ -231,7 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", type=Path, default=None, help="feature stores go in DIR/{tail,grid,detector}")
     parser.add_argument("--out", type=Path, default=None, help="runs and results (default runs/flickr8k)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the main configuration and its base")
-    parser.add_argument("--ablation-seeds", default="0", help="seeds of the grid, grid-base, bigru and detector ablations")
+    parser.add_argument("--ablation-seeds", default="0",
+                        help="seeds of the grid, grid-base, bigru and detector ablations")
     parser.add_argument("--distill-seeds", default="0",
                         help="seeds of the distilled configurations (teacher: the ensemble of every --seeds run)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")

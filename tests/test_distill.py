@@ -13,7 +13,8 @@ from selfalign.errors import ConfigError, InputError
 from selfalign.evaluate.runner import encode_split
 from selfalign.model.checkpoint import load_model, make_ensemble, model_hash
 from selfalign.train import train
-from selfalign.train.distill import TEACHER
+from selfalign.train import distill
+from selfalign.train.distill import SHARED, TEACHER
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,29 @@ def test_student_learns_from_an_ensemble_and_keeps_its_targets(feature_store, te
     assert images.shape == emb.images.shape and captions.shape == emb.captions.shape
     # the teacher's similarities, kept in half precision
     assert torch.allclose(images @ captions.T, emb.images @ emb.captions.T, atol=5e-3)
+
+
+def test_a_second_student_of_the_same_teacher_reuses_its_targets(feature_store, teachers, tmp_path, monkeypatch):
+    runs, _ = teachers
+    first = train(_student(feature_store, tmp_path / "a", runs[1], "train.epochs=1"), progress=False)
+    kept = list((runs[1] / SHARED).glob("*.safetensors"))
+    assert len(kept) == 1 and kept[0].read_bytes() == (first / TEACHER).read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher's targets were recomputed")
+
+    with monkeypatch.context() as patch:  # the next seed reads the teacher's copy instead of encoding again
+        patch.setattr(distill, "_compute", refuse)
+        second = train(_student(feature_store, tmp_path / "b", runs[1], "train.epochs=1", "train.seed=1"),
+                       progress=False)
+    assert (second / TEACHER).read_bytes() == (first / TEACHER).read_bytes()
+    kept[0].unlink()  # the runs' hard links keep the targets; the teacher's copy is now a broken file
+    kept[0].write_bytes(b"damaged")  # a cache miss: recomputed and replaced, not an error
+    third = train(_student(feature_store, tmp_path / "c", runs[1], "train.epochs=1"), progress=False)
+    assert (third / TEACHER).read_bytes() == kept[0].read_bytes()
+    with safe_open(str(third / TEACHER), framework="pt") as new, safe_open(str(first / TEACHER), framework="pt") as old:
+        assert new.metadata() == old.metadata()  # (safetensors orders a header's keys freely: compare them as dicts)
+        assert all(torch.equal(new.get_tensor(k), old.get_tensor(k)) for k in ("images", "captions"))
 
 
 def test_zero_weight_leaves_the_student_exactly_as_without_a_teacher(feature_store, teachers, tmp_path):

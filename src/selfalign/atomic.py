@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,3 +51,15 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
+
+
+def link_or_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """``path`` becomes the same file as ``source``: a hard link where the filesystem allows it (no second copy of a
+    large file), else a copy. Files written through :func:`atomic_path` are replaced, never changed in place, so
+    the two names cannot diverge half-way."""
+    with atomic_path(path) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(source, tmp)

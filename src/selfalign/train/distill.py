@@ -4,11 +4,15 @@ The teacher is a run or an ensemble folder (``selfalign ensemble``): an ensemble
 costs what one model costs at query time. Its embeddings of every training image (its two views averaged where the
 run mirrors) and caption are computed once, at the start of the run, and kept in the run folder
 (``teacher.safetensors``, with the teacher's model hash), so a resumed run reads them instead of recomputing and a
-teacher retrained in between is refused rather than silently mixed in.
+teacher retrained in between is refused rather than silently mixed in. A copy is also kept in the teacher's folder
+(``distill_targets/``, one file per feature store, split and number of views): the next student of the same teacher
+on the same data — another seed — starts from it instead of encoding the training split again (a hard link where
+the filesystem allows, so the two names share one file on disk).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,7 @@ from selfalign.evaluate.runner import encode_split
 from selfalign.model.checkpoint import embedding_config, load_model, model_hash
 
 TEACHER = "teacher.safetensors"
+SHARED = "distill_targets"  # in the teacher's folder: targets any student of the same data may reuse
 
 
 @dataclass
@@ -75,7 +80,7 @@ def _compute(teacher_dir: Path, split, mirror, device: torch.device, progress: b
         model, _ = load_model(teacher_dir, device)
     if progress:
         print(f"distillation: embedding {len(split.image_ids)} training images and {len(split.captions)} captions "
-              f"with the teacher {teacher_dir} (once; kept in the run folder)", flush=True)
+              f"with the teacher {teacher_dir} (once; kept in the run folder and the teacher's)", flush=True)
     emb = encode_split(model, split, mirror=mirror)
     return TeacherTargets(emb.images.float(), emb.captions.float())
 
@@ -100,14 +105,39 @@ def teacher_targets(cfg: RunConfig, split, mirror, run_dir: Path, device: torch.
                                      f"now asks {teacher_dir} ({expected}). A resumed run keeps its teacher: "
                                      f"restore it, or start a new run")
                 path.unlink()
+        shared = _shared_path(teacher_dir, cfg, expected)
+        if not path.is_file() and _shared_matches(shared, expected):
+            if progress:
+                print(f"distillation: the teacher's targets from {shared}", flush=True)
+            atomic.link_or_copy(shared, path)
         if not path.is_file():
             targets = _compute(teacher_dir, split, mirror, device, progress)
             with atomic.atomic_path(path) as tmp:
                 save_file({"images": targets.images.half().contiguous(),
                            "captions": targets.captions.half().contiguous()}, str(tmp), metadata=expected)
+            try:
+                atomic.link_or_copy(path, shared)
+            except OSError as exc:  # a read-only teacher still teaches; the next student recomputes
+                print(f"distillation: could not keep a copy in {shared.parent} ({exc})", flush=True)
     D.barrier()
     state = load_file(str(path))  # half precision on disk: similarities to ~1e-3, far below a temperature
     return TeacherTargets(state["images"].float(), state["captions"].float())
+
+
+def _shared_path(teacher_dir: Path, cfg: RunConfig, expected: dict[str, str]) -> Path:
+    """Where the teacher's folder keeps its targets of this run's training data: keyed on the feature store,
+    the split and the views as well as the counts, so that two stores of the same size never share a file."""
+    data = f"{Path(cfg.data.features).resolve()}\0{cfg.data.train_split}\0{expected['views']}"
+    return teacher_dir / SHARED / f"{hashlib.sha256(data.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _shared_matches(shared: Path, expected: dict[str, str]) -> bool:
+    """A teacher's kept targets serve only when made by the same teacher of the same data; one that is damaged or
+    stale is recomputed (and replaced), not an error: it is a cache."""
+    try:
+        return shared.is_file() and _read_metadata(shared) == expected
+    except InputError:
+        return False
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -118,4 +148,4 @@ def _read_metadata(path: Path) -> dict[str, str]:
         raise InputError(f"{path}: cannot read the teacher's embeddings ({exc}); delete it to recompute") from None
 
 
-__all__ = ["TEACHER", "TeacherTargets", "check_distill_config", "teacher_targets"]
+__all__ = ["SHARED", "TEACHER", "TeacherTargets", "check_distill_config", "teacher_targets"]
